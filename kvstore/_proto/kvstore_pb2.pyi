@@ -1,0 +1,234 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    CODEC_RAW: _ClassVar[Codec]
+    CODEC_KVQ: _ClassVar[Codec]
+
+class Order(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ORDER_UNSPECIFIED: _ClassVar[Order]
+    ORDER_CHUNK_MAJOR: _ClassVar[Order]
+    ORDER_LAYER_MAJOR: _ClassVar[Order]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT32: DType
+CODEC_UNSPECIFIED: Codec
+CODEC_RAW: Codec
+CODEC_KVQ: Codec
+ORDER_UNSPECIFIED: Order
+ORDER_CHUNK_MAJOR: Order
+ORDER_LAYER_MAJOR: Order
+
+class Layout(_message.Message):
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_tokens")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: DType
+    chunk_tokens: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+
+class Namespace(_message.Message):
+    __slots__ = ("name", "layout", "tp_rank")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layout: Layout
+    tp_rank: int
+    def __init__(self, name: _Optional[str] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., tp_rank: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ...) -> None: ...
+
+class TierHits(_message.Message):
+    __slots__ = ("tier", "num_tokens")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    num_tokens: int
+    def __init__(self, tier: _Optional[str] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("num_tokens", "tiers")
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    num_tokens: int
+    tiers: _containers.RepeatedCompositeFieldContainer[TierHits]
+    def __init__(self, num_tokens: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierHits, _Mapping]]] = ...) -> None: ...
+
+class PutHeader(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "first_chunk")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    first_chunk: int
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+
+class PutChunk(_message.Message):
+    __slots__ = ("chunk_index", "object_part", "last_part")
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_PART_FIELD_NUMBER: _ClassVar[int]
+    LAST_PART_FIELD_NUMBER: _ClassVar[int]
+    chunk_index: int
+    object_part: bytes
+    last_part: bool
+    def __init__(self, chunk_index: _Optional[int] = ..., object_part: _Optional[bytes] = ..., last_part: _Optional[bool] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PutHeader
+    chunk: PutChunk
+    def __init__(self, header: _Optional[_Union[PutHeader, _Mapping]] = ..., chunk: _Optional[_Union[PutChunk, _Mapping]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("num_chunks_stored", "num_chunks_present")
+    NUM_CHUNKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    num_chunks_stored: int
+    num_chunks_present: int
+    def __init__(self, num_chunks_stored: _Optional[int] = ..., num_chunks_present: _Optional[int] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "order", "layers", "encoded")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    order: Order
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    encoded: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., order: _Optional[_Union[Order, str]] = ..., layers: _Optional[_Iterable[int]] = ..., encoded: _Optional[bool] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("chunk_index", "layer", "data", "checksum_xxh64", "num_chunks")
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_XXH64_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunk_index: int
+    layer: int
+    data: bytes
+    checksum_xxh64: int
+    num_chunks: int
+    def __init__(self, chunk_index: _Optional[int] = ..., layer: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum_xxh64: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("num_chunks_deleted",)
+    NUM_CHUNKS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    num_chunks_deleted: int
+    def __init__(self, num_chunks_deleted: _Optional[int] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ...) -> None: ...
+
+class PrefetchResponse(_message.Message):
+    __slots__ = ("num_chunks_promoted", "num_chunks_resident")
+    NUM_CHUNKS_PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    num_chunks_promoted: int
+    num_chunks_resident: int
+    def __init__(self, num_chunks_promoted: _Optional[int] = ..., num_chunks_resident: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("name", "used_bytes", "capacity_bytes", "num_objects", "hits", "misses", "evictions", "corrupt", "errors", "puts", "read_bytes", "written_bytes", "info")
+    class InfoEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    PUTS_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    used_bytes: int
+    capacity_bytes: int
+    num_objects: int
+    hits: int
+    misses: int
+    evictions: int
+    corrupt: int
+    errors: int
+    puts: int
+    read_bytes: int
+    written_bytes: int
+    info: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_objects: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., corrupt: _Optional[int] = ..., errors: _Optional[int] = ..., puts: _Optional[int] = ..., read_bytes: _Optional[int] = ..., written_bytes: _Optional[int] = ..., info: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("tiers", "uptime_ms", "version", "requests", "failed_requests")
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    uptime_ms: int
+    version: str
+    requests: int
+    failed_requests: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., uptime_ms: _Optional[int] = ..., version: _Optional[str] = ..., requests: _Optional[int] = ..., failed_requests: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,166 @@
+"""One typed configuration tree, loaded from TOML and overridden by CLI flags (DESIGN §9).
+
+`KVSTORE_CONFIG` (a TOML path) is the only environment variable kvstore reads, and
+only here. Every field is documented where declared, with its unit and default.
+Components receive their own slice (``config.tiers.disk``), never the whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from kvstore.errors import InvalidArgument
+
+CONFIG_ENV = "KVSTORE_CONFIG"
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``4096``, ``"512MiB"``, ``"2 GB"`` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise InvalidArgument(f"a byte size must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+    raise InvalidArgument(f"cannot read {value!r} as a byte size (try 4096 or \"512MiB\")")
+
+
+def default_data_dir() -> str:
+    """Disk tier directory under the user's cache dir, e.g. ~/.cache/kvstore/disk."""
+    return str(Path(platformdirs.user_cache_dir("kvstore")) / "disk")
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"  # HOST:PORT to bind; port 0 picks a free port
+    allow_remote: bool = False  # must be true to bind anything but a loopback address
+    max_message_bytes: int = 64 * MiB  # largest gRPC message in either direction
+    tls_cert_file: str | None = None  # PEM certificate; with tls_key_file turns TLS on
+    tls_key_file: str | None = None  # PEM private key
+    tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> tenant; {} = no auth
+    drain_timeout_s: float = 10.0  # on SIGTERM, wait this long for in-flight calls
+    io_threads: int = 4  # threads doing tier I/O off the event loop
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics; None = off
+
+
+@dataclass(slots=True)
+class CpuTierConfig:
+    capacity_bytes: int = 2 * GiB  # DRAM held by the tier; LRU evicts beyond it
+
+
+@dataclass(slots=True)
+class DiskTierConfig:
+    enabled: bool = True  # false runs DRAM only
+    path: str = field(default_factory=default_data_dir)  # directory of object files
+    capacity_bytes: int = 20 * GiB  # bytes of object files; LRU evicts beyond it
+    fsync: bool = True  # fsync each object and its directory (crash-safe)
+
+
+@dataclass(slots=True)
+class RedisTierConfig:
+    url: str | None = None  # redis://, rediss://, redis+cluster://h1:p1,h2:p2; None = off
+    key_prefix: str = "kvs:"  # prefix of every key kvstore writes
+    ttl_s: float | None = None  # expiry of written chunks; None = no TTL (rely on LRU)
+    timeout_s: float = 0.5  # socket timeout per Redis call; a timeout is a miss
+    max_value_bytes: int = 256 * MiB  # larger objects are refused with CapacityExhausted
+    write_through: bool = True  # write every put to Redis as well
+
+
+@dataclass(slots=True)
+class TiersConfig:
+    cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
+    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+    redis: RedisTierConfig = field(default_factory=RedisTierConfig)
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    write_policy: str = "write-back"  # "write-back": DRAM now, disk later; or "write-through"
+    flush_interval_s: float = 1.0  # write-back: dirty chunks reach disk within this time
+
+    def __post_init__(self) -> None:
+        if self.write_policy not in ("write-back", "write-through"):
+            raise InvalidArgument(
+                f"engine.write_policy must be 'write-back' or 'write-through', got "
+                f"{self.write_policy!r}"
+            )
+
+
+@dataclass(slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    tiers: TiersConfig = field(default_factory=TiersConfig)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Instantiate a config dataclass from a dict, refusing unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"[{where}] must be a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise InvalidArgument(f"unknown config key {where}.{key}; known: {sorted(fields)}")
+        ftype = str(fields[key].type)
+        sub = globals().get(ftype)
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value, f"{where}.{key}")
+        elif key.endswith("_bytes") and value is not None:
+            kwargs[key] = parse_bytes(value)
+        else:
+            kwargs[key] = _check_type(value, ftype, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, ftype: str, where: str) -> Any:
+    if value is None and "None" in ftype:
+        return None
+    if ftype.startswith("float") and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    expected = {"int": int, "bool": bool, "str": str, "dict": dict}
+    for name, typ in expected.items():
+        if ftype.startswith(name):
+            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+                raise InvalidArgument(f"{where} must be {name}, got {value!r}")
+            return value
+    return value
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read the TOML at ``path`` (else $KVSTORE_CONFIG, else defaults), then apply overrides.
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"server.listen": "0.0.0.0:1"}``.
+    """
+    path = path or os.environ.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return _build(Config, data, "config")
