@@ -61,12 +61,14 @@ class Namespace(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layout: _Optional[_Union[Layout, _Mapping]] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace", "tokens_le_i32")
+    __slots__ = ("namespace", "tokens_le_i32", "position_free")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens_le_i32: bytes
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ...) -> None: ...
+    position_free: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., position_free: _Optional[bool] = ...) -> None: ...
 
 class TierHits(_message.Message):
     __slots__ = ("tier", "num_tokens")
@@ -85,14 +87,16 @@ class LookupResponse(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierHits, _Mapping]]] = ...) -> None: ...
 
 class PutHeader(_message.Message):
-    __slots__ = ("namespace", "tokens_le_i32", "first_chunk")
+    __slots__ = ("namespace", "tokens_le_i32", "first_chunk", "position_free")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens_le_i32: bytes
     first_chunk: int
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., first_chunk: _Optional[int] = ...) -> None: ...
+    position_free: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., first_chunk: _Optional[int] = ..., position_free: _Optional[bool] = ...) -> None: ...
 
 class PutChunk(_message.Message):
     __slots__ = ("chunk_index", "object_part", "last_part")
@@ -121,18 +125,20 @@ class PutResponse(_message.Message):
     def __init__(self, num_chunks_stored: _Optional[int] = ..., num_chunks_present: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "tokens_le_i32", "order", "layers", "encoded")
+    __slots__ = ("namespace", "tokens_le_i32", "order", "layers", "encoded", "position_free")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens_le_i32: bytes
     order: Order
     layers: _containers.RepeatedScalarFieldContainer[int]
     encoded: bool
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., order: _Optional[_Union[Order, str]] = ..., layers: _Optional[_Iterable[int]] = ..., encoded: _Optional[bool] = ...) -> None: ...
+    position_free: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., order: _Optional[_Union[Order, str]] = ..., layers: _Optional[_Iterable[int]] = ..., encoded: _Optional[bool] = ..., position_free: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("chunk_index", "layer", "data", "checksum_xxh64", "num_chunks")
@@ -149,12 +155,14 @@ class GetResponse(_message.Message):
     def __init__(self, chunk_index: _Optional[int] = ..., layer: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum_xxh64: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("namespace", "tokens_le_i32")
+    __slots__ = ("namespace", "tokens_le_i32", "position_free")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens_le_i32: bytes
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ...) -> None: ...
+    position_free: bool
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., position_free: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("num_chunks_deleted",)
