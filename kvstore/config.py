@@ -72,12 +72,21 @@ class DiskTierConfig:
 
 @dataclass(slots=True)
 class RedisTierConfig:
-    url: str | None = None  # redis://, rediss://, redis+cluster://h1:p1,h2:p2; None = off
-    key_prefix: str = "kvs:"  # prefix of every key kvstore writes
+    # redis://[user:pass@]host:port[/db] (a cluster node is detected and used as a seed),
+    # rediss:// (TLS), redis+cluster://h1:p1,h2:p2 (seeds), redis+sentinel://h1:p1,h2:p2/
+    # master_name[/db]; None = tier off
+    url: str | None = None
+    key_prefix: str = "kvs:"  # prefix of every key kvstore writes; no "{" or "}" (hash tags)
     ttl_s: float | None = None  # expiry of written chunks; None = no TTL (rely on LRU)
-    timeout_s: float = 0.5  # socket timeout per Redis call; a timeout is a miss
-    max_value_bytes: int = 256 * MiB  # larger objects are refused with CapacityExhausted
+    timeout_s: float = 0.5  # socket connect and read timeout per Redis call; a timeout is a miss
+    # Larger objects are refused: put returns False and logs why. At most 512 MiB, Redis's
+    # default proto-max-bulk-len; keep values far below it, big values stall a Redis node.
+    max_value_bytes: int = 256 * MiB
     write_through: bool = True  # write every put to Redis as well
+    circuit_failures: int = 2  # consecutive errors on one node that open its circuit breaker
+    circuit_open_s: float = 1.0  # an open breaker refuses calls this long, then lets one probe
+    topology_refresh_s: float = 1.0  # cluster: at most one slot-map refresh per this interval
+    stats_cache_s: float = 1.0  # seconds the server-side figures in stats() are reused
 
 
 @dataclass(slots=True)

@@ -34,7 +34,9 @@ class KVLayout:
             if value >= _MAX_DIM and name != "chunk_tokens":
                 raise InvalidArgument(f"KVLayout.{name} must be < {_MAX_DIM}, got {value}")
         if self.chunk_tokens > 1 << 20:
-            raise InvalidArgument(f"KVLayout.chunk_tokens must be <= 2**20, got {self.chunk_tokens}")
+            raise InvalidArgument(
+                f"KVLayout.chunk_tokens must be <= 2**20, got {self.chunk_tokens}"
+            )
         if self.dtype not in DTYPE_ITEMSIZE:
             raise InvalidArgument(
                 f"KVLayout.dtype must be one of {sorted(DTYPE_ITEMSIZE)}, got {self.dtype!r}"

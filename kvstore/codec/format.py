@@ -110,7 +110,8 @@ def pack_object(
     """Assemble one object: header, section table, meta, then the sections."""
     if dtype not in DTYPE_CODES:
         raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
-    lengths = np.fromiter((memoryview(s).nbytes for s in sections), dtype="<u4", count=len(sections))
+    sizes = (memoryview(s).nbytes for s in sections)
+    lengths = np.fromiter(sizes, dtype="<u4", count=len(sections))
     table = lengths.tobytes()
     payload_bytes = len(table) + len(meta) + int(lengths.sum(dtype=np.uint64))
     if payload_bytes >= MAX_OBJECT_BYTES:

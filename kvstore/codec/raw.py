@@ -73,7 +73,9 @@ def _check_raw_header(header: ObjectHeader) -> int:
     return section
 
 
-def raw_payload(data: bytes | memoryview, *, verify: bool = True) -> tuple[ObjectHeader, memoryview]:
+def raw_payload(
+    data: bytes | memoryview, *, verify: bool = True
+) -> tuple[ObjectHeader, memoryview]:
     """The contiguous tensor bytes of a raw object, ``[layers, 2, heads, tokens, dim]``."""
     header = verify_object(data) if verify else read_header(data)
     _check_raw_header(header)

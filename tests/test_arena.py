@@ -1,0 +1,170 @@
+"""The shared-memory arena: cross-process reads, leases against eviction, expiry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import xxhash
+
+from kvstore.arena import ALIGN, Arena, ArenaReader, Extent
+from kvstore.errors import NotFound
+from kvstore.keys import ChunkKey
+
+
+def _key(i: int) -> ChunkKey:
+    return ChunkKey(i.to_bytes(32, "little"))
+
+
+def _obj(i: int, size: int = 3 * ALIGN) -> bytes:
+    return bytes([i % 251]) * size
+
+
+def test_second_process_reads_leased_bytes_exactly() -> None:
+    arena = Arena(64 * ALIGN)
+    try:
+        payload = bytes(range(256)) * 100
+        arena.put(_key(1), payload)
+        lease, [extent] = arena.lease([_key(1)])
+        script = (
+            "import sys, xxhash\n"
+            "from kvstore.arena import ArenaReader, Extent\n"
+            f"r = ArenaReader({arena.path!r})\n"
+            f"print(xxhash.xxh64(r.view(Extent({extent.offset}, {extent.length}))).hexdigest())\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        assert out == xxhash.xxh64(payload).hexdigest()
+        arena.release(lease)
+    finally:
+        arena.close()
+
+
+def test_lease_blocks_eviction_of_exactly_its_bytes() -> None:
+    evicted: list[ChunkKey] = []
+    arena = Arena(12 * ALIGN, on_evict=lambda k, _: evicted.append(k))
+    try:
+        for i in range(4):  # 4 x 3 pages fill the arena
+            assert arena.put(_key(i), _obj(i))
+        lease, _ = arena.lease([_key(0)])  # the LRU object, pinned
+        assert arena.put(_key(10), _obj(10))
+        assert arena.put(_key(11), _obj(11))
+        assert evicted == [_key(1), _key(2)]  # LRU order, skipping the leased key 0
+        assert arena.get(_key(0)) == _obj(0)
+        arena.release(lease)
+        assert arena.put(_key(12), _obj(12))
+        assert evicted[-1] == _key(3)
+        assert arena.put(_key(13), _obj(13))
+        assert evicted[-1] == _key(10)  # key 0 was touched by get(): 10 is now LRU
+        assert arena.put(_key(14), _obj(14)) and arena.put(_key(15), _obj(15))
+        assert _key(0) in evicted  # unpinned: it goes in its LRU turn
+    finally:
+        arena.close()
+
+
+def test_put_refused_when_every_byte_is_leased() -> None:
+    arena = Arena(6 * ALIGN)
+    try:
+        arena.put(_key(0), _obj(0))
+        arena.put(_key(1), _obj(1))
+        arena.lease([_key(0), _key(1)])
+        assert arena.put(_key(2), _obj(2)) is False
+        assert arena.get(_key(0)) == _obj(0) and arena.get(_key(1)) == _obj(1)
+    finally:
+        arena.close()
+
+
+def test_expired_lease_of_a_dead_client_frees_its_bytes() -> None:
+    arena = Arena(6 * ALIGN, lease_ttl_s=0.05)
+    try:
+        arena.put(_key(0), _obj(0))
+        arena.put(_key(1), _obj(1))
+        arena.lease([_key(0), _key(1)])  # never released: the holder "died"
+        time.sleep(0.1)
+        assert arena.put(_key(2), _obj(2))
+        assert arena.num_leases() == 0
+        with pytest.raises(NotFound, match="not held"):
+            arena.release(1)
+    finally:
+        arena.close()
+
+
+def test_deleted_while_leased_keeps_bytes_until_release() -> None:
+    arena = Arena(3 * ALIGN)
+    try:
+        arena.put(_key(0), _obj(0))
+        lease, [extent] = arena.lease([_key(0)])
+        assert arena.delete(_key(0))
+        assert arena.get(_key(0)) is None
+        assert arena.put(_key(1), _obj(1)) is False  # its bytes are still pinned
+        reader = ArenaReader(arena.path)
+        assert bytes(reader.view(extent)) == _obj(0)
+        reader.close()
+        arena.release(lease)
+        assert arena.put(_key(1), _obj(1))
+    finally:
+        arena.close()
+
+
+def test_lease_covers_only_leading_present_keys() -> None:
+    arena = Arena(16 * ALIGN)
+    try:
+        arena.put(_key(0), _obj(0))
+        arena.put(_key(2), _obj(2))
+        _, extents = arena.lease([_key(0), _key(1), _key(2)])
+        assert len(extents) == 1
+    finally:
+        arena.close()
+
+
+def test_eviction_racing_leased_reads_never_tears() -> None:
+    arena = Arena(40 * ALIGN)
+    reader = ArenaReader(arena.path)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            arena.put(_key(i), _obj(i, (1 + i % 5) * ALIGN))
+            i += 1
+
+    def read_loop() -> None:
+        for _ in range(400):
+            keys = arena.keys()[-3:]
+            lease, extents = arena.lease(keys)
+            for key, extent in zip(keys, extents, strict=False):
+                data = bytes(reader.view(extent))
+                if len(set(data)) != 1 or data[0] != int.from_bytes(key, "little") % 251:
+                    errors.append(f"torn read of key {int.from_bytes(key, 'little')}")
+            arena.release(lease)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        read_loop()
+    finally:
+        stop.set()
+        thread.join()
+        reader.close()
+        arena.close()
+    assert errors == []
+
+
+def test_reader_rejects_extent_outside_arena() -> None:
+    arena = Arena(4 * ALIGN)
+    reader = ArenaReader(arena.path)
+    try:
+        with pytest.raises(Exception, match="outside the arena"):
+            reader.view(Extent(3 * ALIGN, 2 * ALIGN))
+    finally:
+        reader.close()
+        arena.close()
+
+
+def test_reader_of_missing_arena_is_not_found() -> None:
+    with pytest.raises(NotFound):
+        ArenaReader("/dev/shm/kvstore-arena-does-not-exist")
