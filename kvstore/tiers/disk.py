@@ -1,0 +1,337 @@
+"""The local-disk tier: one crash-safe object file per chunk, an in-memory LRU index.
+
+Files live at ``<path>/<first 2 hex of key>/<64 hex of key>.kvc`` and hold the KVC1
+object verbatim. Writes go to ``<name>.kvc.tmp-<random>`` in the same directory,
+are fsynced, renamed over the final name and the directory is fsynced (both fsyncs
+when ``config.fsync``), so a crash leaves either the whole object or none of it
+plus a temp file that the next start-up deletes.
+
+The index (key -> file size, least recently used first) is rebuilt at start-up
+from the files, ordered by mtime, without reading them: every read verifies the
+object instead. Renames and unlinks happen under the index lock so that the index
+and the directory agree; the expensive parts (writing, fsync, reading) do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvstore.codec.format import verify_object
+from kvstore.config import DiskTierConfig
+from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.keys import ChunkKey
+from kvstore.tiers.base import TierStats
+
+logger = logging.getLogger(__name__)
+
+_SUFFIX = ".kvc"
+_TMP_MARK = ".tmp-"
+_KEY_HEX_CHARS = 64  # a ChunkKey is a 32-byte SHA-256 digest
+
+
+def _parse_key(name: str) -> ChunkKey | None:
+    """The key named by an object file name, or None for anything else."""
+    stem = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else ""
+    if len(stem) != _KEY_HEX_CHARS:
+        return None
+    try:
+        return ChunkKey(bytes.fromhex(stem))
+    except ValueError:
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_file(path: str) -> tuple[bytes, int]:
+    """Whole file contents and its inode number (to recognise the same file later)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        parts: list[bytes] = []
+        remaining = st.st_size
+        while remaining > 0:
+            part = os.read(fd, remaining)
+            if not part:
+                break  # shorter than stat said: verification reports it truncated
+            parts.append(part)
+            remaining -= len(part)
+    finally:
+        os.close(fd)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_ino
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskTier:
+    """Disk tier, name ``"disk"``: object files under ``config.path``, LRU within capacity."""
+
+    name = "disk"
+
+    def __init__(self, config: DiskTierConfig) -> None:
+        """Open (creating if needed) the directory and index the objects already in it.
+
+        Raises:
+            InvalidArgument: the directory cannot be created or listed.
+        """
+        self._root = str(Path(config.path).expanduser())
+        self._capacity_bytes = config.capacity_bytes
+        self._fsync = config.fsync
+        self._lock = threading.Lock()
+        self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> bytes, LRU first
+        self._used_bytes = 0
+        self._known_dirs: set[str] = set()  # subdirectories known to exist
+        self._stats = TierStats(name=self.name, capacity_bytes=self._capacity_bytes)
+        try:
+            os.makedirs(self._root, exist_ok=True)
+            self._rebuild_index()
+        except OSError as exc:
+            raise InvalidArgument(
+                f"disk tier path {self._root} is not a usable directory: {exc}"
+            ) from exc
+        with self._lock:
+            victims = self._evict_to_fit_locked()
+        logger.info(
+            "disk tier %s: %d objects, %d bytes indexed (%d evicted to fit %d bytes)",
+            self._root, len(self._index), self._used_bytes, len(victims), self._capacity_bytes,
+        )
+
+    # -- paths and start-up -------------------------------------------------------
+
+    def path_of(self, key: ChunkKey) -> str:
+        """The object file that holds (or would hold) ``key``."""
+        hex_key = key.hex()
+        return os.path.join(self._root, hex_key[:2], hex_key + _SUFFIX)
+
+    def _rebuild_index(self) -> None:
+        found: list[tuple[int, ChunkKey, int]] = []  # (mtime_ns, key, size)
+        num_temp = 0
+        with os.scandir(self._root) as top:
+            subdirs = [e.path for e in top if e.is_dir(follow_symlinks=False) and len(e.name) == 2]
+        for subdir in subdirs:
+            self._known_dirs.add(subdir)
+            with os.scandir(subdir) as entries:
+                for entry in entries:
+                    if _TMP_MARK in entry.name:
+                        self._unlink_quietly(entry.path)
+                        num_temp += 1
+                        continue
+                    key = _parse_key(entry.name)
+                    if key is None or entry.path != self.path_of(key):
+                        logger.warning("disk tier ignores unexpected file %s", entry.path)
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    found.append((st.st_mtime_ns, key, st.st_size))
+        found.sort(key=lambda item: item[0])
+        for _, key, size in found:
+            self._index[key] = size
+            self._used_bytes += size
+        if num_temp:
+            logger.info("disk tier %s: removed %d leftover temp files", self._root, num_temp)
+
+    # -- the Tier protocol --------------------------------------------------------
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        """The verified object under ``key``, or None (absent, corrupt or unreadable)."""
+        with self._lock:
+            if key not in self._index:
+                self._stats.misses += 1
+                return None
+            self._index.move_to_end(key)
+        path = self.path_of(key)
+        try:
+            data, inode = _read_file(path)
+        except FileNotFoundError:
+            self._forget_missing(key, path)
+            return None
+        except OSError as exc:
+            logger.warning("disk tier cannot read %s: %s", path, exc)
+            with self._lock:
+                self._stats.errors += 1
+                self._stats.misses += 1
+            return None
+        try:
+            verify_object(data)
+        except Corrupt as exc:
+            logger.warning("disk tier dropped corrupt object %s: %s", path, exc)
+            self._drop_corrupt(key, path, inode)
+            return None
+        with self._lock:
+            self._stats.hits += 1
+            self._stats.read_bytes += len(data)
+        return data
+
+    def put(self, key: ChunkKey, obj: bytes) -> bool:
+        """Write ``obj`` crash-safely; True if held afterwards.
+
+        Returns False (logged and counted in ``errors``) when the write fails, a full
+        disk included, leaving no partial file; and False when ``obj`` is larger than
+        the capacity.
+        """
+        size = len(obj)
+        if size > self._capacity_bytes:
+            return False
+        with self._lock:
+            if key in self._index:  # content-addressed: the same key is the same bytes
+                self._index.move_to_end(key)
+                return True
+        path = self.path_of(key)
+        tmp = self._write_temp(path, obj)
+        if tmp is None:
+            return False
+        with self._lock:
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                self._stats.errors += 1
+                self._unlink_quietly(tmp)
+                logger.warning("disk tier cannot rename %s to %s: %s", tmp, path, exc)
+                return False
+            if key not in self._index:
+                self._used_bytes += size
+                self._stats.puts += 1
+                self._stats.written_bytes += size
+            self._index[key] = size
+            self._index.move_to_end(key)
+            self._evict_to_fit_locked()
+        if self._fsync:
+            try:
+                _fsync_dir(os.path.dirname(path))
+            except OSError as exc:  # the object is in place; only its durability is in doubt
+                logger.warning("disk tier cannot fsync directory of %s: %s", path, exc)
+                self._count_error()
+        return True
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._index for k in keys]
+
+    def delete(self, key: ChunkKey) -> bool:
+        """Remove ``key``'s file; True if it was indexed."""
+        with self._lock:
+            size = self._index.pop(key, None)
+            if size is None:
+                return False
+            self._used_bytes -= size
+            self._unlink_quietly(self.path_of(key))
+            return True
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return dataclasses.replace(
+                self._stats,
+                used_bytes=self._used_bytes,
+                num_objects=len(self._index),
+                info={"io": "posix", "path": self._root, "fsync": str(self._fsync).lower()},
+            )
+
+    def close(self) -> None:
+        """Nothing to release: every put is already on disk (and fsynced if configured)."""
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _write_temp(self, path: str, obj: bytes) -> str | None:
+        """Write ``obj`` to a fresh temp file beside ``path``; its name, or None on failure."""
+        tmp = f"{path}{_TMP_MARK}{secrets.token_hex(6)}"
+        try:
+            fd = self._create_file(tmp)
+        except OSError as exc:
+            logger.warning("disk tier cannot create %s: %s", tmp, exc)
+            self._count_error()
+            return None
+        try:
+            try:
+                _write_all(fd, obj)
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # ENOSPC and EIO land here; leave no partial file behind
+            logger.warning("disk tier cannot write %s (%d bytes): %s", tmp, len(obj), exc)
+            self._unlink_quietly(tmp)
+            self._count_error()
+            return None
+        return tmp
+
+    def _create_file(self, path: str) -> int:
+        subdir = os.path.dirname(path)
+        self._ensure_dir(subdir)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(path, flags, 0o644)
+        except FileNotFoundError:  # the subdirectory was removed behind our back
+            self._known_dirs.discard(subdir)
+            self._ensure_dir(subdir)
+            return os.open(path, flags, 0o644)
+
+    def _ensure_dir(self, subdir: str) -> None:
+        if subdir in self._known_dirs:
+            return
+        os.makedirs(subdir, exist_ok=True)
+        if self._fsync:  # make the new directory entry itself durable
+            _fsync_dir(self._root)
+        self._known_dirs.add(subdir)
+
+    def _evict_to_fit_locked(self) -> list[ChunkKey]:
+        victims: list[ChunkKey] = []
+        while self._used_bytes > self._capacity_bytes:
+            victim, size = self._index.popitem(last=False)
+            self._used_bytes -= size
+            self._stats.evictions += 1
+            self._unlink_quietly(self.path_of(victim))
+            victims.append(victim)
+        return victims
+
+    def _forget_missing(self, key: ChunkKey, path: str) -> None:
+        """A read found the file gone (deleted meanwhile, or removed behind our back)."""
+        with self._lock:
+            self._stats.misses += 1
+            if key in self._index and not os.path.exists(path):
+                logger.warning("disk tier object %s vanished; dropping it from the index", path)
+                self._used_bytes -= self._index.pop(key)
+
+    def _drop_corrupt(self, key: ChunkKey, path: str, inode: int) -> None:
+        with self._lock:
+            self._stats.corrupt += 1
+            self._stats.misses += 1
+            try:
+                same_file = os.stat(path).st_ino == inode
+            except OSError:
+                same_file = False  # already replaced or removed
+            if same_file:
+                self._unlink_quietly(path)
+                size = self._index.pop(key, None)
+                if size is not None:
+                    self._used_bytes -= size
+
+    def _unlink_quietly(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("disk tier cannot remove %s: %s", path, exc)
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self._stats.errors += 1
