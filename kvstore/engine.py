@@ -32,6 +32,7 @@ from kvstore.keys import ChunkKey
 from kvstore.tiers.base import Tier, TierStats
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.redis import RedisTier
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,10 @@ class Engine:
         write_through: set[str] = set()
         if config.tiers.disk.enabled:
             tiers.append(DiskTier(config.tiers.disk))
-        # The shared Redis tier goes last, below the disk. When its tier exists:
-        #   if config.tiers.redis.url: tiers.append(RedisTier(config.tiers.redis))
-        #   and, if config.tiers.redis.write_through, write_through.add("redis").
+        if config.tiers.redis.url:  # the shared tier goes last, below the disk
+            tiers.append(RedisTier(config.tiers.redis))
+            if config.tiers.redis.write_through:
+                write_through.add("redis")
         return cls(config.engine, tiers, write_through_tiers=write_through)
 
     @property

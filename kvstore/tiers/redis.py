@@ -1,0 +1,352 @@
+"""The Redis tier: one key per chunk on a standalone server, a Sentinel master or a Cluster.
+
+Keys are ``key_prefix + hex(chunk key)``, values the KVC1 objects exactly as the
+engine encoded them (the codec is chosen upstream; every read is verified here).
+Every Redis error or timeout is a miss (get/contains) or a refused write (put),
+counted in ``stats().errors``; a per-node circuit breaker stops calling a dead
+node until a probe finds it answering again. A daemon started while Redis is
+down starts anyway, reports ``state=down`` and connects when Redis appears.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from kvstore.codec.format import verify_object
+from kvstore.config import MiB, RedisTierConfig
+from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.keys import ChunkKey
+from kvstore.tiers.base import TierStats
+from kvstore.tiers.circuit import CircuitBreaker
+from kvstore.tiers.redis_nodes import (
+    NODE_ERRORS,
+    NodeOptions,
+    RedisNode,
+    Router,
+    connect_router,
+    parse_redis_url,
+)
+
+log = logging.getLogger(__name__)
+
+# Redis refuses bulk strings above proto-max-bulk-len (512 MiB by default).
+REDIS_MAX_BULK_BYTES = 512 * MiB
+_FAILED: Any = object()  # reply slot of a command whose node failed or was not called
+AddCommand = Callable[[Any, int], None]  # (pipeline, index) -> queue one command
+
+
+@dataclass(slots=True)
+class _ServerFigures:
+    """Server-side figures summed over the masters, cached for ``stats_cache_s``."""
+
+    used_bytes: int = 0  # used_memory, all keys of the servers (Redis may be shared)
+    capacity_bytes: int = 0  # maxmemory; 0 = unlimited
+    num_objects: int = 0  # DBSIZE, all keys
+    evictions: int = 0  # evicted_keys since server start
+    taken_at: float = float("-inf")  # time.monotonic() of the last refresh
+
+
+def _check_config(config: RedisTierConfig) -> None:
+    if not config.url:
+        raise InvalidArgument("tiers.redis.url is not set; the Redis tier needs an address")
+    if "{" in config.key_prefix or "}" in config.key_prefix:
+        raise InvalidArgument(f"tiers.redis.key_prefix {config.key_prefix!r} contains a hash "
+                              "tag brace; it would pin every chunk to one cluster slot")
+    if not 0 < config.max_value_bytes <= REDIS_MAX_BULK_BYTES:
+        raise InvalidArgument(f"tiers.redis.max_value_bytes is {config.max_value_bytes}; it must "
+                              f"be in (0, {REDIS_MAX_BULK_BYTES}] (Redis proto-max-bulk-len)")
+    if config.timeout_s <= 0 or config.circuit_open_s <= 0 or config.circuit_failures < 1:
+        raise InvalidArgument("tiers.redis.timeout_s and circuit_open_s must be > 0 and "
+                              f"circuit_failures >= 1, got {config.timeout_s}, "
+                              f"{config.circuit_open_s}, {config.circuit_failures}")
+    if config.ttl_s is not None and config.ttl_s <= 0:
+        raise InvalidArgument(f"tiers.redis.ttl_s must be > 0 or unset, got {config.ttl_s}")
+
+
+class RedisTier:
+    """Shared, compressed tier on Redis (DESIGN §4, §8). Thread-safe."""
+
+    name = "redis"
+
+    def __init__(self, config: RedisTierConfig) -> None:
+        """Parse the address and try to connect; an unreachable Redis is not an error.
+
+        Raises:
+            InvalidArgument: the config is malformed (url, key_prefix, sizes, timings).
+        """
+        _check_config(config)
+        self._config = config
+        self._address = parse_redis_url(config.url or "")
+        self._options = NodeOptions(self._address, config.timeout_s, config.circuit_failures,
+                                    config.circuit_open_s)
+        self._prefix = config.key_prefix.encode()
+        self._ttl_ms = None if config.ttl_s is None else max(1, round(config.ttl_s * 1000))
+        self._router: Router | None = None
+        self._connect_breaker = CircuitBreaker(1, config.circuit_open_s)
+        self._connect_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the counters below
+        self._stats = TierStats(self.name)
+        self._num_refused = 0  # commands not sent because a breaker was open
+        self._num_too_large = 0  # puts refused for exceeding max_value_bytes
+        self._server = _ServerFigures()
+        self._closed = False
+        self._ensure_router()
+
+    # -- keys and connection ------------------------------------------------------------
+
+    def redis_key(self, key: ChunkKey) -> bytes:
+        """The Redis key of a chunk: ``key_prefix + hex(key)``, readable in redis-cli."""
+        return self._prefix + key.hex().encode()
+
+    @property
+    def mode(self) -> str:
+        """"standalone", "sentinel" or "cluster"; "unknown" until Redis first answers."""
+        return self._router.mode if self._router is not None else "unknown"
+
+    def _ensure_router(self) -> Router | None:
+        if self._router is not None or self._closed:
+            return self._router
+        if not self._connect_breaker.allow():
+            return None
+        with self._connect_lock:
+            if self._router is not None:
+                return self._router
+            try:
+                router = connect_router(self._options, self._config.topology_refresh_s)
+            except (redis.RedisError, OSError) as exc:
+                self._connect_breaker.record_failure()
+                log.warning("redis tier: %s unreachable (%s); serving misses, retrying every "
+                            "%.1f s", self._address.redacted(), exc, self._config.circuit_open_s)
+                return None
+            self._connect_breaker.record_success()
+            self._router = router
+            log.info("redis tier: connected to %s (%s)", self._address.redacted(), router.mode)
+            return router
+
+    # -- batched commands ----------------------------------------------------------------
+
+    def _execute(self, rkeys: Sequence[bytes], add: AddCommand) -> list[Any]:
+        """Run one command per key, pipelined per node; ``_FAILED`` where no reply came."""
+        results: list[Any] = [_FAILED] * len(rkeys)
+        router = self._ensure_router()
+        if router is None:
+            self._count_refused(len(rkeys))
+            return results
+        pending = [(node, idx) for node, idx in router.route(rkeys)]
+        self._count_refused(len(rkeys) - sum(len(idx) for _, idx in pending))
+        for _ in range(2):  # the second round follows MOVED replies once
+            moved: list[int] = []
+            for node, idx in pending:
+                moved += self._execute_on(router, node, idx, add, results)
+            if not moved:
+                break
+            regrouped = router.route([rkeys[i] for i in moved])
+            pending = [(node, [moved[j] for j in idx]) for node, idx in regrouped]
+        return results
+
+    def _execute_on(self, router: Router, node: RedisNode, idx: list[int], add: AddCommand,
+                    results: list[Any]) -> list[int]:
+        """Pipeline ``idx``'s commands to one node; returns the indices answered MOVED."""
+        if not node.breaker.allow():
+            self._count_refused(len(idx))
+            router.note_failure(node)  # rate-limited: finds a promoted replica
+            return []
+        pipe = node.client.pipeline(transaction=False)
+        for i in idx:
+            add(pipe, i)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            self._node_failed(router, node, exc)
+            return []
+        self._node_answered(node)
+        moved: list[int] = []
+        for i, reply in zip(idx, replies, strict=True):
+            if isinstance(reply, redis.exceptions.MovedError):
+                router.note_moved(reply.slot_id, reply.host, reply.port)
+                moved.append(i)
+            elif isinstance(reply, Exception):
+                log.debug("redis tier: command on %s failed: %s", node.name, reply)
+            else:
+                results[i] = reply
+        return moved
+
+    def _node_failed(self, router: Router, node: RedisNode, exc: Exception) -> None:
+        was_open = node.breaker.is_open
+        node.breaker.record_failure()
+        if node.breaker.is_open and not was_open:
+            log.warning("redis tier: node %s is failing (%s); circuit open, its keys are "
+                        "misses until it answers", node.name, exc)
+        else:
+            log.debug("redis tier: node %s failed: %s", node.name, exc)
+        if isinstance(exc, NODE_ERRORS):
+            router.note_failure(node)
+
+    def _node_answered(self, node: RedisNode) -> None:
+        if node.breaker.is_open:
+            log.warning("redis tier: node %s answers again; circuit closed", node.name)
+        node.breaker.record_success()
+
+    def _count_refused(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._num_refused += n
+
+    # -- the Tier protocol -----------------------------------------------------------------
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        """Pipelined GETs; each value is verified, a corrupt one is deleted and missed."""
+        rkeys = [self.redis_key(k) for k in keys]
+        replies = self._execute(rkeys, lambda pipe, i: pipe.get(rkeys[i]))
+        out: list[bytes | None] = []
+        corrupt: list[bytes] = []
+        num_errors = read_bytes = 0
+        for rkey, reply in zip(rkeys, replies, strict=True):
+            value = None
+            if reply is _FAILED:
+                num_errors += 1
+            elif reply is not None:
+                try:
+                    verify_object(reply)
+                    value, read_bytes = reply, read_bytes + len(reply)
+                except Corrupt as exc:
+                    log.warning("redis tier: dropping corrupt value %s: %s", rkey.decode(), exc)
+                    corrupt.append(rkey)
+            out.append(value)
+        if corrupt:
+            self._execute(corrupt, lambda pipe, i: pipe.unlink(corrupt[i]))
+        num_hits = sum(v is not None for v in out)
+        with self._lock:
+            s = self._stats
+            s.hits += num_hits
+            s.misses += len(keys) - num_hits
+            s.errors += num_errors
+            s.corrupt += len(corrupt)
+            s.read_bytes += read_bytes
+        return out
+
+    def put(self, key: ChunkKey, obj: bytes) -> bool:
+        return self.put_many([(key, obj)])[0]
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, bytes]]) -> list[bool]:
+        """Pipelined SETs (with PX when ttl_s is set); False where Redis did not take it."""
+        limit = self._config.max_value_bytes
+        send = [i for i, (_, obj) in enumerate(items) if len(obj) <= limit]
+        if len(send) < len(items):
+            self._refuse_too_large([len(items[i][1]) for i in range(len(items)) if
+                                    len(items[i][1]) > limit])
+        rkeys = [self.redis_key(items[i][0]) for i in send]
+        objs = [items[i][1] for i in send]
+        replies = self._execute(
+            rkeys, lambda pipe, j: pipe.set(rkeys[j], objs[j], px=self._ttl_ms))
+        ok = [False] * len(items)
+        written = 0
+        for i, obj, reply in zip(send, objs, replies, strict=True):
+            if reply is True:
+                ok[i] = True
+                written += len(obj)
+        with self._lock:
+            self._stats.puts += sum(ok)
+            self._stats.written_bytes += written
+            self._stats.errors += sum(r is _FAILED for r in replies)
+        return ok
+
+    def _refuse_too_large(self, sizes: list[int]) -> None:
+        with self._lock:
+            first = self._num_too_large == 0
+            self._num_too_large += len(sizes)
+        (log.warning if first else log.debug)(
+            "redis tier: refusing %d object(s) of %s bytes: larger than tiers.redis."
+            "max_value_bytes = %d; raise it (up to %d) or use smaller chunks",
+            len(sizes), sizes[:4], self._config.max_value_bytes, REDIS_MAX_BULK_BYTES)
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Pipelined EXISTS; an unreachable key counts as absent."""
+        rkeys = [self.redis_key(k) for k in keys]
+        replies = self._execute(rkeys, lambda pipe, i: pipe.exists(rkeys[i]))
+        failed = sum(r is _FAILED for r in replies)
+        if failed:
+            with self._lock:
+                self._stats.errors += failed
+        return [r is not _FAILED and r > 0 for r in replies]
+
+    def delete(self, key: ChunkKey) -> bool:
+        """UNLINK (frees large values off Redis's main thread); True if a key was removed."""
+        rkey = self.redis_key(key)
+        reply = self._execute([rkey], lambda pipe, i: pipe.unlink(rkey))[0]
+        return reply is not _FAILED and reply > 0
+
+    # -- health and stats ------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """"up", "degraded" (some cluster nodes refused by their breaker) or "down"."""
+        router = self._router if not self._closed else None
+        if router is None:
+            return "down"
+        nodes = router.nodes()
+        num_open = sum(n.breaker.is_open for n in nodes)
+        if not nodes or num_open == len(nodes):
+            return "down"
+        return "degraded" if num_open else "up"
+
+    @property
+    def is_up(self) -> bool:
+        return self.state != "down"
+
+    def stats(self) -> TierStats:
+        self._ensure_router()  # lets a tier that started while Redis was down reconnect
+        server = self._server_figures()
+        with self._lock:
+            snap = replace(self._stats, info={})
+            refused, too_large = self._num_refused, self._num_too_large
+        snap.used_bytes, snap.capacity_bytes = server.used_bytes, server.capacity_bytes
+        snap.num_objects, snap.evictions = server.num_objects, server.evictions
+        router = self._router
+        down = [n.name for n in router.nodes() if n.breaker.is_open] if router else []
+        snap.info = {"mode": self.mode, "address": self._address.redacted(),
+                     "state": self.state, "nodes_down": ",".join(down),
+                     "circuit_refused": str(refused), "refused_too_large": str(too_large)}
+        return snap
+
+    def _server_figures(self) -> _ServerFigures:
+        """INFO memory/stats and DBSIZE summed over reachable masters, cached."""
+        router, now = self._router, time.monotonic()
+        if router is None or now - self._server.taken_at < self._config.stats_cache_s:
+            return self._server
+        fig = _ServerFigures(taken_at=now)
+        for node in router.nodes():
+            if not node.breaker.allow():
+                continue
+            try:
+                pipe = node.client.pipeline(transaction=False)
+                pipe.info("memory")
+                pipe.info("stats")
+                pipe.dbsize()
+                memory, stats, size = pipe.execute()
+            except redis.RedisError as exc:
+                self._node_failed(router, node, exc)
+                continue
+            self._node_answered(node)
+            fig.used_bytes += int(memory.get("used_memory", 0))
+            fig.capacity_bytes += int(memory.get("maxmemory", 0))
+            fig.evictions += int(stats.get("evicted_keys", 0))
+            fig.num_objects += int(size)
+        self._server = fig
+        return fig
+
+    def close(self) -> None:
+        self._closed = True
+        router, self._router = self._router, None
+        if router is not None:
+            router.close()
