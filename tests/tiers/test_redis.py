@@ -18,8 +18,6 @@ from kvstore.tiers.redis import RedisTier
 from kvstore.tiers.redis_nodes import parse_redis_url
 from tests.redis_servers import RedisFactory, RedisProcess, free_port
 
-pytest_plugins = ["tests.redis_servers"]
-
 TINY = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, chunk_tokens=16)
 SMOLLM2 = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, chunk_tokens=256)
 

@@ -12,8 +12,6 @@ from kvstore.tiers.redis import RedisTier
 from tests.redis_servers import RedisClusterProcs
 from tests.tiers.test_redis import make_key, make_object, tier_for
 
-pytest_plugins = ["tests.redis_servers"]
-
 pytestmark = pytest.mark.redis
 
 

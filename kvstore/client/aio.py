@@ -1,0 +1,244 @@
+"""The asyncio client: ``AsyncClient`` mirrors ``Client`` with ``async`` methods (grpc.aio).
+
+Failover, deadlines, validation and verification follow ``kvstore.client.sync``.
+Channels are created on first use, inside the running event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _protocol as proto
+from kvstore.client._status import error_from_rpc, is_failover
+from kvstore.client._tensors import from_storage
+from kvstore.client.sync import Connections, Metadata
+from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.layout import KVLayout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class AsyncConnections(Connections):
+    """``Connections`` over grpc.aio channels."""
+
+    def stub(self, index: int) -> pb_grpc.KVStoreStub:
+        channel = self._channels.get(index)
+        if channel is None:
+            address = self.addresses[index]
+            if self._is_tls:
+                creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
+                channel = grpc.aio.secure_channel(address, creds, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[index] = channel
+        return pb_grpc.KVStoreStub(channel)
+
+    async def acall(self, what: str,
+                    fn: Callable[[pb_grpc.KVStoreStub, float, Metadata], Awaitable[T]]) -> T:
+        """Await ``fn(stub, timeout_s, metadata)`` against each address until one answers."""
+        deadline = time.monotonic() + self.timeout_s
+        failures: list[str] = []
+        for index in self.order():
+            try:
+                result = await fn(self.stub(index), self.remaining(deadline, what), self.metadata)
+            except grpc.RpcError as exc:
+                if not is_failover(exc):
+                    raise error_from_rpc(exc, self.addresses[index]) from None
+                failures.append(f"{self.addresses[index]}: {exc.code().name} {exc.details()}")
+                log.info("%s failed on %s, trying the next address", what, failures[-1])
+                continue
+            self.succeeded(index)
+            return result
+        raise self.all_failed(what, failures)
+
+    async def aclose(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()  # type: ignore[misc]
+        self._channels.clear()
+
+
+class AsyncClient:
+    """Asyncio client of one namespace; same arguments and semantics as ``Client``."""
+
+    def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
+                 token: str | None = None, tls_ca_file: str | None = None,
+                 timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
+                 tp_rank: int = 0) -> None:
+        if not isinstance(layout, KVLayout):
+            raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
+        self.layout = layout
+        self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
+        self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
+        self._conns = AsyncConnections(addresses, token=token, tls_ca_file=tls_ca_file,
+                                       timeout_s=timeout_s, max_message_bytes=max_message_bytes)
+
+    # ------------------------------------------------------------ prefix-chained chunks
+
+    async def put(self, tokens: Any, kv: Any) -> int:
+        """Store the full chunks of a sequence; returns the tokens now stored."""
+        plan = proto.plan_put(self.layout, tokens, kv, position_free=False)
+        if plan.num_chunks == 0:
+            return 0
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> int:
+            request = pb.LookupRequest(namespace=self._ns, tokens_le_i32=plan.tokens.tobytes())
+            first = (await stub.Lookup(request, timeout=timeout, metadata=md)).num_tokens
+            first //= plan.tokens_per_chunk
+            if first < plan.num_chunks:
+                messages = proto.put_requests(self._ns, self.layout, plan, first,
+                                              self._part_bytes)
+                await stub.Put(messages, timeout=timeout, metadata=md)
+            return plan.num_chunks * plan.tokens_per_chunk
+
+        return await self._conns.acall("Put", attempt)
+
+    async def lookup(self, tokens: Any) -> int:
+        """Leading tokens stored (a multiple of chunk_tokens); 0 on a miss."""
+        return await self._lookup(tokens, position_free=False)
+
+    async def get(self, tokens: Any, *, layers: Sequence[int] | None = None,
+                  as_numpy: bool = False) -> Any:
+        """The leading stored chunks of ``tokens`` (see ``Client.get``), or None."""
+        return await self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False)
+
+    async def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
+                         as_numpy: bool = False) -> AsyncIterator[tuple[int, Any]]:
+        """Layer-major: yields ``(layer, [2, heads, n, dim])`` as each layer arrives."""
+        arr = proto.check_tokens(tokens, position_free=False)
+        chosen = proto.check_layers(layers, self.layout)
+        request = proto.get_request(self._ns, arr, layers=chosen, layer_major=True,
+                                    position_free=False)
+        deadline = time.monotonic() + self._conns.timeout_s
+        yielded, num_chunks, failures = 0, None, []
+        for index in self._conns.order():
+            stub = self._conns.stub(index)
+            asm = self._assembler(chosen, arr, position_free=False, layer_major=True)
+            try:
+                stream = stub.Get(request, timeout=self._conns.remaining(deadline, "Get"),
+                                  metadata=self._conns.metadata)
+                async for msg in stream:
+                    done = asm.add(msg)
+                    if num_chunks is not None and yielded and asm.num_chunks != num_chunks:
+                        raise Unavailable("stream broke and the next daemon holds a different "
+                                          "number of chunks; retry the call")
+                    num_chunks = asm.num_chunks
+                    if done is not None and done >= yielded:
+                        yielded += 1
+                        yield asm.layers[done], from_storage(asm.layer(done).copy(),
+                                                             self.layout.dtype, as_numpy=as_numpy)
+                asm.result()
+            except grpc.RpcError as exc:
+                if not is_failover(exc):
+                    raise error_from_rpc(exc, self._conns.addresses[index]) from None
+                failures.append(f"{self._conns.addresses[index]}: {exc.code().name}")
+                continue
+            self._conns.succeeded(index)
+            return
+        raise self._conns.all_failed("Get", failures)
+
+    async def delete(self, tokens: Any) -> int:
+        """Remove every full chunk of ``tokens`` from every tier; returns chunks deleted."""
+        return await self._delete(tokens, position_free=False)
+
+    async def prefetch(self, tokens: Any) -> int:
+        """Promote the leading stored chunks to DRAM; returns the tokens now resident there."""
+        arr = proto.check_tokens(tokens, position_free=False)
+        request = pb.PrefetchRequest(namespace=self._ns, tokens_le_i32=arr.tobytes())
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> int:
+            resp = await stub.Prefetch(request, timeout=timeout, metadata=md)
+            return resp.num_chunks_promoted + resp.num_chunks_resident
+
+        return await self._conns.acall("Prefetch", attempt) * self.layout.chunk_tokens
+
+    async def stats(self) -> dict[str, Any]:
+        """Tier occupancy and counters (see ``Client.stats``)."""
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
+            return proto.stats_to_dict(await stub.Stats(pb.StatsRequest(), timeout=timeout,
+                                                        metadata=md))
+
+        return await self._conns.acall("Stats", attempt)
+
+    # ------------------------------------------------------------ position-free chunks
+
+    async def put_chunk(self, tokens: Any, kv: Any) -> bool:
+        """Store a text chunk's KV position-free (any length); True if newly stored."""
+        plan = proto.plan_put(self.layout, tokens, kv, position_free=True)
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bool:
+            messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes)
+            resp = await stub.Put(messages, timeout=timeout, metadata=md)
+            return resp.num_chunks_stored == 1
+
+        return await self._conns.acall("Put", attempt)
+
+    async def get_chunk(self, tokens: Any, *, as_numpy: bool = False) -> Any:
+        return await self._get(tokens, layers=None, as_numpy=as_numpy, position_free=True)
+
+    async def lookup_chunk(self, tokens: Any) -> bool:
+        return await self._lookup(tokens, position_free=True) > 0
+
+    async def delete_chunk(self, tokens: Any) -> bool:
+        return await self._delete(tokens, position_free=True) > 0
+
+    # ------------------------------------------------------------ shared
+
+    async def _lookup(self, tokens: Any, *, position_free: bool) -> int:
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        request = pb.LookupRequest(namespace=self._ns, tokens_le_i32=arr.tobytes(),
+                                   position_free=position_free)
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> int:
+            return (await stub.Lookup(request, timeout=timeout, metadata=md)).num_tokens
+
+        return await self._conns.acall("Lookup", attempt)
+
+    async def _delete(self, tokens: Any, *, position_free: bool) -> int:
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        request = pb.DeleteRequest(namespace=self._ns, tokens_le_i32=arr.tobytes(),
+                                   position_free=position_free)
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> int:
+            return (await stub.Delete(request, timeout=timeout, metadata=md)).num_chunks_deleted
+
+        return await self._conns.acall("Delete", attempt)
+
+    def _assembler(self, layers: list[int] | None, tokens: Any, *, layer_major: bool,
+                   position_free: bool) -> proto.GetAssembler:
+        per_chunk = len(tokens) if position_free else self.layout.chunk_tokens
+        return proto.GetAssembler(self.layout, per_chunk,
+                                  layers or list(range(self.layout.num_layers)), layer_major)
+
+    async def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
+                   position_free: bool) -> Any:
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        chosen = proto.check_layers(layers, self.layout)
+        request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
+                                    position_free=position_free)
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
+            asm = self._assembler(chosen, arr, layer_major=False, position_free=position_free)
+            async for msg in stub.Get(request, timeout=timeout, metadata=md):
+                asm.add(msg)
+            return asm.result()
+
+        out = await self._conns.acall("Get", attempt)
+        return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+
+    async def close(self) -> None:
+        await self._conns.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

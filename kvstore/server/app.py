@@ -1,0 +1,270 @@
+"""The daemon process: build the gRPC server, run it until a signal, drain, flush.
+
+``create_server`` builds and binds a server (port 0 picks a free port);
+``serve`` runs one until SIGTERM/SIGINT; ``ServerThread`` runs one on its own
+event loop in a background thread, for tests and embedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from kvstore._proto import kvstore_pb2, kvstore_pb2_grpc
+from kvstore.config import Config, ServerConfig
+from kvstore.errors import InvalidArgument
+from kvstore.server.auth import Authenticator
+from kvstore.server.metrics import MetricsEndpoint, ServiceCounters
+from kvstore.server.namespaces import NamespaceRegistry
+from kvstore.server.service import KVStoreServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:50051"`` / ``"[::1]:0"`` -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(f"server.listen must be HOST:PORT (e.g. 127.0.0.1:50051), "
+                              f"got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def check_listen(config: ServerConfig) -> tuple[str, int]:
+    """Refuse a non-loopback bind unless ``allow_remote``; returns (host, port)."""
+    host, port = split_listen(config.listen)
+    if not is_loopback(host) and not config.allow_remote:
+        raise InvalidArgument(
+            f"server.listen is {config.listen!r}, which is not a loopback address; the "
+            "daemon binds only 127.0.0.1/::1/localhost unless server.allow_remote is true "
+            "(--allow-remote), preferably with TLS and tokens"
+        )
+    if not is_loopback(host) and not config.tokens:
+        log.warning("listening on %s without bearer tokens: anyone who can reach it can "
+                    "read and write every namespace", config.listen)
+    return host, port
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert_file is None and config.tls_key_file is None:
+        return None
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        raise InvalidArgument("TLS needs both server.tls_cert_file and server.tls_key_file, "
+                              f"got cert={config.tls_cert_file!r} key={config.tls_key_file!r}")
+    try:
+        with open(config.tls_key_file, "rb") as fh:
+            key = fh.read()
+        with open(config.tls_cert_file, "rb") as fh:
+            cert = fh.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read the TLS key or certificate: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+@dataclass(slots=True)
+class ServerHandle:
+    """A built server and everything that must be stopped with it."""
+
+    server: grpc.aio.Server
+    port: int  # the bound port (the real one when the config said 0)
+    engine: Any  # kvstore.engine.Engine
+    executor: ThreadPoolExecutor  # tier I/O off the event loop
+    health: health_aio.HealthServicer
+    metrics: MetricsEndpoint | None  # Prometheus endpoint, if configured
+    counters: ServiceCounters
+
+    async def shutdown(self, grace_s: float, *, close_engine: bool = True) -> None:
+        """Stop accepting calls, drain in-flight ones up to ``grace_s``, then flush."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.executor.shutdown, True)
+        if close_engine:
+            await loop.run_in_executor(None, self.engine.close)  # flushes DRAM to disk
+        if self.metrics is not None:
+            self.metrics.close()
+        log.info("daemon stopped")
+
+
+def build_server(config: Config, engine: Any) -> ServerHandle:
+    """Build and bind (not start) a server over ``engine``; call inside the event loop."""
+    host, port = check_listen(config.server)
+    credentials = _server_credentials(config.server)
+    limit = config.server.max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ])
+    executor = ThreadPoolExecutor(max_workers=max(1, config.server.io_threads),
+                                  thread_name_prefix="kvstore-io")
+    registry = NamespaceRegistry(config.tiers.disk.path if config.tiers.disk.enabled else None)
+    counters = ServiceCounters()
+    servicer = KVStoreServicer(engine, registry, Authenticator(config.server.tokens), executor,
+                               counters, max_message_bytes=limit)
+    kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        executor.shutdown(wait=False)
+        raise InvalidArgument(f"cannot bind {address}: {exc}") from exc
+    metrics = None
+    if config.server.metrics_listen:
+        metrics = MetricsEndpoint(config.server.metrics_listen, counters, engine.stats)
+    return ServerHandle(server, bound, engine, executor, health, metrics, counters)
+
+
+async def _start(handle: ServerHandle) -> None:
+    await handle.server.start()
+    for name in ("", SERVICE_NAME):
+        await handle.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def create_server(config: Config, engine: Any | None = None) -> tuple[grpc.aio.Server, int]:
+    """A bound, not yet started, grpc.aio server and its port (call inside the event loop).
+
+    With ``engine`` None an engine is built from ``config`` (DRAM + disk); the
+    caller then owns stopping the server. ``serve`` and ``ServerThread`` also
+    drain and close the engine; prefer them.
+    """
+    if engine is None:
+        from kvstore.engine import Engine
+
+        engine = Engine.from_config(config)
+    handle = build_server(config, engine)
+    return handle.server, handle.port
+
+
+async def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT, then drain, flush and return 0."""
+    from kvstore.engine import Engine
+
+    engine = Engine.from_config(config)
+    try:
+        handle = build_server(config, engine)
+    except BaseException:
+        engine.close()
+        raise
+    await _start(handle)
+    log.info("kvstore daemon listening on %s (port %d)", config.server.listen, handle.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.1f s", config.server.drain_timeout_s)
+    await handle.shutdown(config.server.drain_timeout_s)
+    return 0
+
+
+class ServerThread:
+    """A daemon on its own event loop in a background thread.
+
+    >>> with ServerThread(config) as server:
+    ...     Client(server.address, ...)
+    """
+
+    def __init__(self, config: Config, engine: Any | None = None) -> None:
+        self.config = config
+        self._owns_engine = engine is None
+        self._engine = engine
+        self._loop = asyncio.new_event_loop()
+        self._handle: ServerHandle | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-server",
+                                        daemon=True)
+        self._stopped = False
+
+    @property
+    def port(self) -> int:
+        assert self._handle is not None, "server not started"
+        return self._handle.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self) -> Any:
+        assert self._handle is not None, "server not started"
+        return self._handle.engine
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the Prometheus endpoint; None when metrics are off."""
+        assert self._handle is not None, "server not started"
+        return None if self._handle.metrics is None else self._handle.metrics.port
+
+    @property
+    def counters(self) -> ServiceCounters:
+        assert self._handle is not None, "server not started"
+        return self._handle.counters
+
+    def start(self) -> ServerThread:
+        if self._engine is None:
+            from kvstore.engine import Engine
+
+            self._engine = Engine.from_config(self.config)
+        self._thread.start()
+        try:
+            self._handle = self._call(self._build_and_start())
+        except BaseException:
+            self._stop_loop()
+            if self._owns_engine:
+                self._engine.close()
+            raise
+        return self
+
+    async def _build_and_start(self) -> ServerHandle:
+        handle = build_server(self.config, self._engine)
+        await _start(handle)
+        return handle
+
+    def _call(self, coro: Any, timeout: float | None = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain up to ``grace_s`` (default drain_timeout_s), close an owned engine, join."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.server.drain_timeout_s if grace_s is None else grace_s
+        if self._handle is not None:
+            self._call(self._handle.shutdown(grace, close_engine=self._owns_engine), None)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace_s=1.0)

@@ -1,0 +1,313 @@
+"""The grpc.aio servicer of kvstore.v1.KVStore: validates requests, calls the engine.
+
+Engine calls block (disk, Redis), so they run on a thread pool; the event loop
+only parses, validates and streams. Every handler is wrapped by ``_rpc`` /
+``_rpc_stream``, which authenticate the caller, count the request, and turn any
+exception into a status code through ``kvstore.server.status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import xxhash
+
+from kvstore import __version__
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.errors import (
+    CapacityExhausted,
+    Corrupt,
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+)
+from kvstore.keys import ChunkKey, Namespace
+from kvstore.server import objects
+from kvstore.server.auth import Authenticator
+from kvstore.server.metrics import ServiceCounters
+from kvstore.server.namespaces import NamespaceRegistry
+from kvstore.server.put import ChunkObject, PutAssembler
+from kvstore.server.status import abort_unauthenticated, abort_with, status_for
+from kvstore.server.wire import (
+    chunk_keys,
+    layers_from_proto,
+    namespace_from_proto,
+    tokens_from_bytes,
+    tokens_per_chunk,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Room for the GetResponse fields around `data` when checking the message limit.
+_ENVELOPE_BYTES = 1024
+
+
+def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a unary-response handler: auth, counting, error -> status mapping."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        tenant = await self._begin(method, context)
+        try:
+            return await fn(self, request, context, tenant)
+        except grpc.aio.AbortError:
+            raise  # already counted where the abort was decided
+        except asyncio.CancelledError:  # the caller went away or its deadline passed
+            self._counters.count_failure(method, "CANCELLED")
+            raise
+        except Exception as exc:  # every failure becomes a status code
+            await self._fail(method, context, exc)
+
+    return handler
+
+
+def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+    """Wrap a server-streaming handler like ``_rpc``."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        tenant = await self._begin(method, context)
+        try:
+            async for message in fn(self, request, context, tenant):
+                yield message
+        except grpc.aio.AbortError:
+            raise  # already counted where the abort was decided
+        except asyncio.CancelledError:  # the caller went away or its deadline passed
+            self._counters.count_failure(method, "CANCELLED")
+            raise
+        except Exception as exc:
+            await self._fail(method, context, exc)
+
+    return handler
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    """Serves every RPC of kvstore.v1.KVStore over one engine."""
+
+    def __init__(self, engine: Any, registry: NamespaceRegistry, authenticator: Authenticator,
+                 executor: Executor, counters: ServiceCounters, *,
+                 max_message_bytes: int) -> None:
+        self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
+        self._registry = registry
+        self._auth = authenticator
+        self._executor = executor
+        self._counters = counters
+        self._max_message_bytes = max_message_bytes
+
+    # ------------------------------------------------------------ helpers
+
+    async def _begin(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
+        """Count the request and authenticate it; returns the caller's tenant."""
+        self._counters.count_request(method)
+        try:
+            return self._auth.tenant_for(context.invocation_metadata())
+        except PermissionDenied as exc:
+            self._counters.count_failure(method, "UNAUTHENTICATED")
+            await abort_unauthenticated(context, str(exc))
+
+    async def _fail(self, method: str, context: grpc.aio.ServicerContext,
+                    exc: Exception) -> NoReturn:
+        self._counters.count_failure(method, status_for(exc).name)
+        await abort_with(context, exc)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _namespace(self, request: Any, tenant: str | None) -> Namespace:
+        """The request's namespace; a layout clash with the registered one is refused."""
+        namespace = namespace_from_proto(request, tenant)
+        self._registry.check(namespace)
+        return namespace
+
+    @staticmethod
+    def _check_deadline(context: grpc.aio.ServicerContext, done: int, total: int) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"deadline passed after {done} of {total} messages")
+
+    # ------------------------------------------------------------ unary RPCs
+
+    @_rpc
+    async def Lookup(self, request: pb.LookupRequest, context: Any, tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
+        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        per_chunk = tokens_per_chunk(namespace, tokens, position_free=request.position_free)
+        if not keys:
+            return pb.LookupResponse(num_tokens=0)
+        num, per_tier = await self._run(self._engine.lookup, keys)
+        return pb.LookupResponse(
+            num_tokens=num * per_chunk,
+            tiers=[pb.TierHits(tier=name, num_tokens=n * per_chunk)
+                   for name, n in per_tier.items()],
+        )
+
+    @_rpc
+    async def Put(self, request_iterator: Any, context: Any, tenant: str | None):
+        assembler: PutAssembler | None = None
+        stored = present = 0
+        async for request in request_iterator:
+            kind = request.WhichOneof("msg")
+            if assembler is None:
+                if kind != "header":
+                    raise InvalidArgument(f"a Put stream starts with a header, got {kind}")
+                assembler = PutAssembler.from_header(request.header,
+                                                     self._namespace(request.header, tenant))
+                continue
+            if kind != "chunk":
+                raise InvalidArgument(f"a Put stream has one header, then chunks; got {kind}")
+            chunk = assembler.add(request.chunk)
+            if chunk is not None:
+                is_new = await self._run(self._store, assembler, chunk)
+                stored, present = stored + is_new, present + (not is_new)
+        if assembler is None:
+            raise InvalidArgument("empty Put stream: expected a header, then chunks")
+        assembler.finish()
+        return pb.PutResponse(num_chunks_stored=stored, num_chunks_present=present)
+
+    def _store(self, assembler: PutAssembler, chunk: ChunkObject) -> bool:
+        """Verify one object against the namespace and store it (runs on the pool)."""
+        objects.check_put_object(chunk.data, assembler.namespace, assembler.num_tokens,
+                                 position_free=assembler.position_free, chunk_index=chunk.index)
+        self._registry.register(assembler.namespace)
+        self._counters.add_bytes(received=len(chunk.data))
+        return bool(self._engine.put(chunk.key, chunk.data))
+
+    @_rpc
+    async def Delete(self, request: pb.DeleteRequest, context: Any, tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
+        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        deleted = await self._run(lambda: sum(bool(self._engine.delete(k)) for k in keys))
+        return pb.DeleteResponse(num_chunks_deleted=deleted)
+
+    @_rpc
+    async def Prefetch(self, request: pb.PrefetchRequest, context: Any, tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32), position_free=False)
+        if not keys:
+            return pb.PrefetchResponse()
+        promoted, resident = await self._run(self._engine.prefetch, keys)
+        return pb.PrefetchResponse(num_chunks_promoted=promoted, num_chunks_resident=resident)
+
+    @_rpc
+    async def Stats(self, request: pb.StatsRequest, context: Any, tenant: str | None):
+        tiers = await self._run(self._engine.stats)
+        return pb.StatsResponse(
+            tiers=[
+                pb.TierStats(
+                    name=t.name, used_bytes=t.used_bytes, capacity_bytes=t.capacity_bytes,
+                    num_objects=t.num_objects, hits=t.hits, misses=t.misses,
+                    evictions=t.evictions, corrupt=t.corrupt, errors=t.errors, puts=t.puts,
+                    read_bytes=t.read_bytes, written_bytes=t.written_bytes,
+                    info={str(k): str(v) for k, v in t.info.items()},
+                )
+                for t in tiers
+            ],
+            uptime_ms=int(self._counters.uptime_s * 1000),
+            version=__version__,
+            requests=self._counters.num_requests,
+            failed_requests=self._counters.num_failed_requests,
+        )
+
+    # ------------------------------------------------------------ Get
+
+    @_rpc_stream
+    async def Get(self, request: pb.GetRequest, context: Any, tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        position_free = request.position_free
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
+        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        layers = layers_from_proto(request.layers, namespace.layout)
+        layer_major = request.order == pb.ORDER_LAYER_MAJOR
+        if request.encoded and (layer_major or request.layers):
+            raise InvalidArgument("encoded objects are whole chunks: ask for chunk-major order "
+                                  "without a layer filter, or set encoded=false")
+        num = (await self._run(self._engine.lookup, keys))[0] if keys else 0
+        if num == 0:
+            return
+        keys = keys[:num]
+        if layer_major:
+            stream = self._stream_layer_major(keys, layers, context)
+        else:
+            stream = self._stream_chunk_major(keys, request, layers, context)
+        async for message in stream:
+            self._counters.add_bytes(sent=len(message.data))
+            yield message
+
+    def _load(self, key: ChunkKey, encoded: bool) -> bytes | None:
+        """A stored object (verified) or None; a corrupt one is dropped and counted."""
+        obj = self._engine.get(key)
+        if obj is None:
+            return None
+        try:
+            if encoded:
+                objects.verify_stored(obj)
+                return obj
+            return objects.stored_to_raw(obj)
+        except Corrupt as exc:
+            self._counters.count_corrupt_read()
+            log.warning("dropping stored object %s: %s", key.hex()[:16], exc)
+            self._engine.delete(key)
+            return None
+
+    def _load_run(self, keys: list[ChunkKey]) -> list[bytes]:
+        """Raw objects of the leading run of keys that load cleanly."""
+        loaded: list[bytes] = []
+        for key in keys:
+            obj = self._load(key, False)
+            if obj is None:
+                break
+            loaded.append(obj)
+        return loaded
+
+    async def _stream_layer_major(self, keys: list[ChunkKey], layers: list[int],
+                                  context: Any) -> AsyncIterator[pb.GetResponse]:
+        # Every chunk is needed for layer 0, so load the run first; the count is then exact.
+        raws = await self._run(self._load_run, keys)
+        total = len(raws) * len(layers)
+        for i, layer in enumerate(layers):
+            for index, raw in enumerate(raws):
+                self._check_deadline(context, i * len(raws) + index, total)
+                yield self._layer_message(raw, index, layer, len(raws))
+
+    async def _stream_chunk_major(self, keys: list[ChunkKey], request: pb.GetRequest,
+                                  layers: list[int], context: Any) -> AsyncIterator[pb.GetResponse]:
+        loop = asyncio.get_running_loop()
+        per_layer = bool(request.layers)
+        pending = loop.run_in_executor(self._executor, self._load, keys[0], request.encoded)
+        for index in range(len(keys)):
+            obj = await pending
+            if obj is None:
+                return  # evicted or corrupt since the lookup: the stream ends early
+            if index + 1 < len(keys):  # read the next chunk while this one is sent
+                pending = loop.run_in_executor(self._executor, self._load, keys[index + 1],
+                                               request.encoded)
+            self._check_deadline(context, index, len(keys))
+            if per_layer:
+                for layer in layers:
+                    yield self._layer_message(obj, index, layer, len(keys))
+                continue
+            if len(obj) + _ENVELOPE_BYTES > self._max_message_bytes:
+                raise CapacityExhausted(
+                    f"chunk {index} is a {len(obj)}-byte object, over the "
+                    f"{self._max_message_bytes}-byte message limit; ask for layer-major order "
+                    "or a layer filter"
+                )
+            yield pb.GetResponse(chunk_index=index, data=obj, num_chunks=len(keys))
+
+    @staticmethod
+    def _layer_message(raw: bytes, index: int, layer: int, num_chunks: int) -> pb.GetResponse:
+        data = objects.layer_bytes(raw, layer)  # [2, heads, tokens, dim]
+        return pb.GetResponse(chunk_index=index, layer=layer, data=bytes(data),
+                              checksum_xxh64=xxhash.xxh64_intdigest(data),
+                              num_chunks=num_chunks)
