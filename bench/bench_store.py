@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(f"[tiers.cpu]\ncapacity_bytes = {2 * nbytes + (64 << 20)}\n"
                           f"[tiers.disk]\ncapacity_bytes = {4 * nbytes}\n")
         with daemon(data_dir, "--config", str(config)) as address:
-            with Client(address, namespace="bench", layout=LAYOUT) as client:
+            with Client(address, namespace="bench", layout=LAYOUT, transport="stream") as client:
                 start = time.perf_counter()
                 client.put(tokens, kv)
                 put_s = time.perf_counter() - start
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         read_s = best_seconds(lambda: _read_files(files), args.repeat)
         emit("store", "file_read", mb_per_s=mb / read_s, files=len(files), **common)
         with daemon(data_dir, "--config", str(config)) as address:
-            with Client(address, namespace="bench", layout=LAYOUT) as client:
+            with Client(address, namespace="bench", layout=LAYOUT, transport="stream") as client:
                 got = client.get(tokens, as_numpy=True)
                 assert got is not None and got.tobytes() == kv.tobytes()
                 get_s = best_seconds(lambda: client.get(tokens, as_numpy=True), args.repeat)

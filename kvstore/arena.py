@@ -1,7 +1,8 @@
 """Shared-memory DRAM arena: objects live in one mmap'd file that same-host clients map.
 
-The daemon owns the arena (read-write); clients map the same file read-only and
-copy out of it, so large same-host reads never cross a socket (DESIGN §5).
+The daemon owns the arena (read-write); clients map the same file read-only
+(``ArenaReader``) and copy out of it, so large same-host reads never cross a
+socket (DESIGN §5). The file format is in ``kvstore.arena_file``.
 
 Safety model: a reader may only touch bytes it holds a *lease* on. While a lease
 is live the arena never evicts, frees or reuses those bytes, so a reader can
@@ -9,41 +10,53 @@ never see them torn. A lease expires after its TTL, so a client that dies while
 holding one pins nothing for longer than that. Deleting a leased object hides it
 at once and frees its bytes when the last lease on it ends.
 
-The file lives in /dev/shm (POSIX shared memory) with mode 0600: only processes of
-the daemon's user can map it. All tenants' objects share one arena, so the daemon
-hands arena references only to callers it trusts with the whole arena (see
-docs/design.md, "same-host path").
+All tenants' objects share one arena, so the daemon hands arena references only
+to callers it trusts with the whole arena (see docs/design.md §5).
 """
 
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
-import mmap
 import os
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from kvstore.arena_file import (
+    ALIGN,
+    FILE_HEADER,
+    FILE_MAGIC,
+    FILE_VERSION,
+    HEADER_BYTES,
+    PAGE_BYTES,
+    ArenaIdentity,
+    ArenaReader,
+    Extent,
+    create_file,
+    remove_stale_files,
+    round_up,
+)
 from kvstore.errors import InvalidArgument, NotFound
 from kvstore.keys import ChunkKey
 
 log = logging.getLogger(__name__)
 
-ALIGN = 4096  # every object starts on a page boundary
+__all__ = ["ALIGN", "Arena", "ArenaIdentity", "ArenaReader", "Extent", "LeaseId"]
+
 LeaseId = int
+EvictCallback = Callable[[ChunkKey, bytes], None]
 
 
 @dataclass(slots=True)
 class _Slot:
     offset: int  # byte offset in the arena file
     length: int  # object bytes (the allocation is length rounded up to ALIGN)
-    leases: int = 0  # live leases covering this slot
+    leases: int = 0  # live leases (and in-flight copies) covering this slot
     deleted: bool = False  # removed from the index; freed when leases reach 0
 
 
@@ -53,27 +66,20 @@ class _Lease:
     expires_at: float  # time.monotonic() deadline
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """Where one object lies in the arena file."""
-
-    offset: int  # bytes from the start of the file
-    length: int  # bytes of the object
-
-
 @dataclass(slots=True)
 class _FreeList:
-    """First-fit allocator over [0, capacity) in ALIGN units, coalescing on free.
+    """First-fit allocator over [start, start + capacity) in ALIGN units, coalescing on free.
 
     Kept as a sorted list of (offset, length) holes; bisect makes insert and
     coalesce O(log n) to find plus a list insert, fine for thousands of holes.
     """
 
     capacity: int
+    start: int = 0
     holes: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.holes = [(0, self.capacity)]
+        self.holes = [(self.start, self.capacity)]
 
     def allocate(self, size: int) -> int | None:
         for i, (offset, length) in enumerate(self.holes):
@@ -101,79 +107,135 @@ class _FreeList:
         return sum(length for _, length in self.holes)
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _aligned(n: int) -> int:
     return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
 
 
 class Arena:
-    """Objects keyed by ChunkKey in a shared-memory file, with LRU eviction and leases."""
+    """Objects keyed by ChunkKey in a shared-memory file, with LRU eviction and leases.
+
+    Eviction hands each dropped object (a private copy) to ``on_evict`` *outside*
+    the lock; until that callback returns the object stays readable through
+    ``get``/``peek``/``contains`` although its bytes are already reused, so a
+    reader never sees a chunk vanish before its demotion has landed.
+    """
 
     def __init__(self, capacity_bytes: int, *, directory: str = "/dev/shm",
-                 on_evict: Callable[[ChunkKey, bytes], None] | None = None,
-                 lease_ttl_s: float = 30.0) -> None:
+                 on_evict: EvictCallback | None = None, lease_ttl_s: float = 30.0,
+                 hugepages: bool = False) -> None:
         if capacity_bytes < ALIGN:
             raise InvalidArgument(f"arena capacity must be >= {ALIGN} bytes, got {capacity_bytes}")
+        if lease_ttl_s <= 0:
+            raise InvalidArgument(f"arena lease TTL must be > 0 s, got {lease_ttl_s}")
         self.capacity_bytes = capacity_bytes // ALIGN * ALIGN
         self.lease_ttl_s = lease_ttl_s
         self.on_evict = on_evict
-        base = Path(directory) if Path(directory).is_dir() else Path("/tmp")
-        self.path = str(base / f"kvstore-arena-{os.getpid()}-{secrets.token_hex(6)}")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, self.capacity_bytes)
-            self._map = mmap.mmap(fd, self.capacity_bytes)
-        finally:
-            os.close(fd)
+        remove_stale_files(directory)
+        file_bytes = HEADER_BYTES + round_up(self.capacity_bytes, PAGE_BYTES)
+        self.path, self._map, self.hugepages = create_file(directory, file_bytes,
+                                                            hugepages=hugepages)
+        self.file_bytes = len(self._map)
+        self.nonce = secrets.token_bytes(16)
+        self._map[: FILE_HEADER.size] = FILE_HEADER.pack(
+            FILE_MAGIC, FILE_VERSION, 0, self.capacity_bytes, self.nonce, os.getpid())
+        # Unlink the file when the arena is collected or the interpreter exits unclosed.
+        self._unlink = weakref.finalize(self, _unlink_quietly, self.path)
         self._view = memoryview(self._map)
-        self._free = _FreeList(self.capacity_bytes)
+        self._free = _FreeList(self.capacity_bytes, HEADER_BYTES)
         self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
+        self._evicting: dict[ChunkKey, bytes] = {}  # evicted, on_evict still running
         self._leases: dict[LeaseId, _Lease] = {}
-        self._lease_ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._closed = False
         self.used_bytes = 0  # bytes of live objects (unaligned)
         self.evictions = 0
 
+    def identity(self) -> ArenaIdentity:
+        return ArenaIdentity(self.path, self.file_bytes, self.nonce, self.hugepages)
+
     # -- objects -------------------------------------------------------------------
     def put(self, key: ChunkKey, obj: bytes | memoryview) -> bool:
-        """Store ``obj``; False if it can never fit or space is pinned by leases."""
-        size = memoryview(obj).nbytes
+        """Store ``obj``; False if it can never fit or the space is pinned by leases.
+
+        The bytes are copied outside the lock into space reserved for them; the
+        object becomes visible only once it is complete.
+        """
+        data = memoryview(obj).cast("B")
+        size = data.nbytes
         evicted: list[tuple[ChunkKey, bytes]] = []
         with self._lock:
+            self._check_open()
             if key in self._index:
                 self._index.move_to_end(key)
                 return True
             if _aligned(size) > self.capacity_bytes:
                 return False
             offset = self._allocate(_aligned(size), evicted)
+        try:
             if offset is not None:
-                self._view[offset : offset + size] = memoryview(obj).cast("B")
-                self._index[key] = _Slot(offset, size)
-                self.used_bytes += size
-        self._notify(evicted)
+                self._view[offset : offset + size] = data
+                self._insert(key, offset, size)
+        finally:
+            self._notify(evicted)
         return offset is not None
 
+    def _insert(self, key: ChunkKey, offset: int, size: int) -> None:
+        with self._lock:
+            if key in self._index:  # a racing put of the same (content-addressed) key won
+                self._free.free(offset, _aligned(size))
+                self._index.move_to_end(key)
+                return
+            self._index[key] = _Slot(offset, size)
+            self.used_bytes += size
+
     def get(self, key: ChunkKey) -> bytes | None:
-        """A private copy of the object (safe to keep after eviction), or None."""
+        """A private copy of the object (now most recently used), or None."""
+        return self._read(key, touch=True)
+
+    def peek(self, key: ChunkKey) -> bytes | None:
+        """Like ``get`` without touching the LRU order."""
+        return self._read(key, touch=False)
+
+    def _read(self, key: ChunkKey, *, touch: bool) -> bytes | None:
         with self._lock:
             slot = self._index.get(key)
             if slot is None:
-                return None
-            self._index.move_to_end(key)
+                return self._evicting.get(key)
+            if touch:
+                self._index.move_to_end(key)
+            slot.leases += 1  # pinned while copied outside the lock
+        try:
             return bytes(self._view[slot.offset : slot.offset + slot.length])
+        finally:
+            with self._lock:
+                self._unpin(slot)
 
     def contains(self, key: ChunkKey) -> bool:
         with self._lock:
-            return key in self._index
+            return key in self._index or key in self._evicting
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._index or k in self._evicting for k in keys]
 
     def delete(self, key: ChunkKey) -> bool:
+        """Drop ``key`` (also from objects mid-eviction); True if it was held."""
         with self._lock:
+            was_evicting = self._evicting.pop(key, None) is not None
             slot = self._index.pop(key, None)
-            if slot is None:
-                return False
-            self._release_slot(slot, deleted=True)
-            return True
+            if slot is not None:
+                self._release_slot(slot)
+            return slot is not None or was_evicting
 
     def keys(self) -> list[ChunkKey]:
+        """Held keys, least recently used first."""
         with self._lock:
             return list(self._index)
 
@@ -185,6 +247,7 @@ class Arena:
               ) -> tuple[LeaseId, list[Extent]]:
         """Pin the leading present ``keys``; returns the lease and their extents (maybe [])."""
         with self._lock:
+            self._check_open()
             self._expire_leases()
             slots: list[_Slot] = []
             for key in keys:
@@ -194,10 +257,24 @@ class Arena:
                 self._index.move_to_end(key)
                 slot.leases += 1
                 slots.append(slot)
-            lease_id = next(self._lease_ids)
+            lease_id = self._new_lease_id()
             ttl = self.lease_ttl_s if ttl_s is None else ttl_s
             self._leases[lease_id] = _Lease(slots, time.monotonic() + ttl)
             return lease_id, [Extent(s.offset, s.length) for s in slots]
+
+    def extend(self, lease_id: LeaseId, key: ChunkKey) -> Extent | None:
+        """Add ``key`` to a held lease; its extent, or None if the arena lacks it."""
+        with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                raise NotFound(f"lease {lease_id} is not held (released or expired)")
+            slot = self._index.get(key)
+            if slot is None:
+                return None
+            self._index.move_to_end(key)
+            slot.leases += 1
+            lease.slots.append(slot)
+            return Extent(slot.offset, slot.length)
 
     def release(self, lease_id: LeaseId) -> None:
         with self._lock:
@@ -213,6 +290,14 @@ class Arena:
             return len(self._leases)
 
     # -- internals (lock held) -----------------------------------------------------
+    def _new_lease_id(self) -> LeaseId:
+        # Random, not sequential: a local process cannot guess and release (or
+        # extend) another client's lease.
+        while True:
+            lease_id = secrets.randbits(63) + 1
+            if lease_id not in self._leases:
+                return lease_id
+
     def _allocate(self, size: int, evicted: list[tuple[ChunkKey, bytes]]) -> int | None:
         self._expire_leases()
         offset = self._free.allocate(size)
@@ -221,14 +306,17 @@ class Arena:
             if victim is None:
                 return None
             slot = self._index.pop(victim)
-            evicted.append((victim, bytes(self._view[slot.offset : slot.offset + slot.length])))
+            data = bytes(self._view[slot.offset : slot.offset + slot.length])
+            evicted.append((victim, data))
+            if self.on_evict is not None:
+                self._evicting[victim] = data
             self.evictions += 1
-            self._release_slot(slot, deleted=True)
+            self._release_slot(slot)
             offset = self._free.allocate(size)
         return offset
 
-    def _release_slot(self, slot: _Slot, *, deleted: bool) -> None:
-        slot.deleted = deleted
+    def _release_slot(self, slot: _Slot) -> None:
+        slot.deleted = True
         self.used_bytes -= slot.length
         if slot.leases == 0:
             self._free.free(slot.offset, _aligned(slot.length))
@@ -245,43 +333,41 @@ class Arena:
             for slot in self._leases.pop(lease_id).slots:
                 self._unpin(slot)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NotFound(f"arena {self.path} is closed")
+
     def _notify(self, evicted: list[tuple[ChunkKey, bytes]]) -> None:
-        if self.on_evict is not None:
-            for key, obj in evicted:
-                self.on_evict(key, obj)
-
-    def close(self) -> None:
-        with self._lock:
-            self._view.release()
-            self._map.close()
+        """Run on_evict (outside the lock); the object stays readable until it returns."""
+        callback = self.on_evict
+        for key, data in evicted:
             try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-
-class ArenaReader:
-    """A client's read-only mapping of a daemon's arena file."""
-
-    def __init__(self, path: str) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise NotFound(f"cannot open arena {path}: {exc}") from exc
-        try:
-            self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self.path = path
-        self._view = memoryview(self._map)
-
-    def view(self, extent: Extent) -> memoryview:
-        """Zero-copy view of one leased object; valid until the lease ends."""
-        if extent.offset < 0 or extent.offset + extent.length > self._view.nbytes:
-            raise InvalidArgument(f"extent {extent} outside the arena of {self._view.nbytes} bytes")
-        return self._view[extent.offset : extent.offset + extent.length]
+                if callback is not None:
+                    callback(key, data)
+            except Exception:
+                # The put that evicted succeeded; a failing demotion only loses a
+                # cached copy, so it must not fail the caller.
+                log.exception("arena on_evict callback failed for chunk %s", key.hex())
+            finally:
+                with self._lock:
+                    if self._evicting.get(key) is data:
+                        del self._evicting[key]
 
     def close(self) -> None:
-        self._view.release()
-        self._map.close()
+        """Unmap and unlink the file. Idempotent; clients' mappings stay valid."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._index.clear()
+            self._evicting.clear()
+            self._leases.clear()
+            self.used_bytes = 0
+            self._view.release()
+            try:
+                self._map.close()
+            except BufferError:  # a reader thread still holds a view; the GC unmaps it
+                log.warning("arena %s closed while a copy was in flight", self.path)
+            self._unlink()
+
 

@@ -55,11 +55,28 @@ class ServerConfig:
     drain_timeout_s: float = 10.0  # on SIGTERM, wait this long for in-flight calls
     io_threads: int = 4  # threads doing tier I/O off the event loop
     metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics; None = off
+    # Serve same-host clients references into the DRAM arena (AttachArena, LeaseChunks)
+    # so their reads skip the socket; false = every client gets the streamed path.
+    same_host: bool = True
+    # With tokens configured, also hand arena references to tenants. The arena holds
+    # every tenant's chunks and a client that maps it can read all of them, so the
+    # default (false) gives tenants the streamed path only (docs/design.md §5).
+    arena_for_tenants: bool = False
 
 
 @dataclass(slots=True)
 class CpuTierConfig:
     capacity_bytes: int = 2 * GiB  # DRAM held by the tier; LRU evicts beyond it
+    # Directory of the shared-memory arena file the tier lives in (a tmpfs such as
+    # /dev/shm, so same-host clients can map it); falls back to /tmp if missing.
+    shm_dir: str = "/dev/shm"
+    # Seconds a same-host client's lease pins its chunks unless released first; a
+    # client that dies holding a lease pins nothing for longer than this. Default 30.
+    lease_ttl_s: float = 30.0
+    # Back the arena with huge pages: a hugetlbfs file under /dev/hugepages when it
+    # is mounted and has free pages, else transparent huge pages (madvise) where the
+    # kernel allows them for shmem, else normal pages. Default false.
+    hugepages: bool = False
 
 
 @dataclass(slots=True)
@@ -68,6 +85,15 @@ class DiskTierConfig:
     path: str = field(default_factory=default_data_dir)  # directory of object files
     capacity_bytes: int = 20 * GiB  # bytes of object files; LRU evicts beyond it
     fsync: bool = True  # fsync each object and its directory (crash-safe)
+    # File I/O backend: "auto" = kvikio (GPUDirect Storage, or its compat mode) when
+    # kvikio and CUDA are available, else POSIX; "posix" forces plain os.read/write;
+    # "kvikio" requires kvikio and fails start-up without it. Default "auto".
+    io: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.io not in ("auto", "posix", "kvikio"):
+            raise InvalidArgument(f"tiers.disk.io must be 'auto', 'posix' or 'kvikio', "
+                                  f"got {self.io!r}")
 
 
 @dataclass(slots=True)

@@ -128,6 +128,11 @@ class Engine:
         return cls(config.engine, tiers, write_through_tiers=write_through)
 
     @property
+    def dram(self) -> CpuTier:
+        """The DRAM tier (its arena serves same-host clients' leases)."""
+        return self._cpu
+
+    @property
     def _is_write_back(self) -> bool:
         backing = self._backing
         return backing is not None and backing.name not in self._sync_names

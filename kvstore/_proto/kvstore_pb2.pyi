@@ -240,3 +240,67 @@ class StatsResponse(_message.Message):
     requests: int
     failed_requests: int
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., uptime_ms: _Optional[int] = ..., version: _Optional[str] = ..., requests: _Optional[int] = ..., failed_requests: _Optional[int] = ...) -> None: ...
+
+class AttachArenaRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttachArenaResponse(_message.Message):
+    __slots__ = ("path", "file_bytes", "nonce", "boot_id", "lease_ttl_ms", "hugepages")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    HUGEPAGES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    file_bytes: int
+    nonce: bytes
+    boot_id: str
+    lease_ttl_ms: int
+    hugepages: str
+    def __init__(self, path: _Optional[str] = ..., file_bytes: _Optional[int] = ..., nonce: _Optional[bytes] = ..., boot_id: _Optional[str] = ..., lease_ttl_ms: _Optional[int] = ..., hugepages: _Optional[str] = ...) -> None: ...
+
+class LeaseChunksRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "position_free", "ttl_ms", "arena_nonce")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_NONCE_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    position_free: bool
+    ttl_ms: int
+    arena_nonce: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., position_free: _Optional[bool] = ..., ttl_ms: _Optional[int] = ..., arena_nonce: _Optional[bytes] = ...) -> None: ...
+
+class ChunkExtent(_message.Message):
+    __slots__ = ("offset_bytes", "length_bytes")
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    offset_bytes: int
+    length_bytes: int
+    def __init__(self, offset_bytes: _Optional[int] = ..., length_bytes: _Optional[int] = ...) -> None: ...
+
+class LeaseChunksResponse(_message.Message):
+    __slots__ = ("lease_id", "ttl_ms", "extents", "num_chunks_stored")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    ttl_ms: int
+    extents: _containers.RepeatedCompositeFieldContainer[ChunkExtent]
+    num_chunks_stored: int
+    def __init__(self, lease_id: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ChunkExtent, _Mapping]]] = ..., num_chunks_stored: _Optional[int] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseLeaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -64,6 +64,21 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.AttachArena = channel.unary_unary(
+                '/kvstore.v1.KVStore/AttachArena',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.AttachArenaRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.AttachArenaResponse.FromString,
+                _registered_method=True)
+        self.LeaseChunks = channel.unary_unary(
+                '/kvstore.v1.KVStore/LeaseChunks',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseChunksRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseChunksResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/kvstore.v1.KVStore/ReleaseLease',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -111,6 +126,28 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachArena(self, request, context):
+        """Same-host path: the arena file to map and the nonce proving it is this daemon's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseChunks(self, request, context):
+        """Same-host path: pin the leading stored chunks in the arena and return where
+        they lie, instead of streaming their bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """End a lease taken by LeaseChunks (it also ends by itself after its TTL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +180,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'AttachArena': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachArena,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.AttachArenaRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.AttachArenaResponse.SerializeToString,
+            ),
+            'LeaseChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseChunks,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseChunksRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseChunksResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +359,87 @@ class KVStore:
             '/kvstore.v1.KVStore/Stats',
             kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachArena(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/AttachArena',
+            kvstore_dot_v1_dot_kvstore__pb2.AttachArenaRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.AttachArenaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/LeaseChunks',
+            kvstore_dot_v1_dot_kvstore__pb2.LeaseChunksRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.LeaseChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/ReleaseLease',
+            kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,8 +2,9 @@
 
 Wire details the client relies on (see the proto for the fields):
 - Put sends a header, then each chunk's KVC1 object in parts of at most
-  ``max_message_bytes - 64 KiB`` so no message exceeds the limit.
-- Get returns, per chunk, a raw KVC1 object (chunk-major) or one message per
+  ``min(1 MiB, max_message_bytes - 64 KiB)``: no message exceeds the limit, and
+  mid-sized messages stream fastest through gRPC Python.
+- Get returns, per chunk, an encoded KVC1 object (``encoded``) or one message per
   (chunk, layer) carrying ``[2, heads, tokens, dim]`` bytes and their xxh64.
   Every object and layer is verified here; bad bytes raise Corrupt.
 - A chunk-major stream may end early (a chunk evicted after the daemon's
@@ -28,6 +29,10 @@ from kvstore.keys import tokens_to_array
 from kvstore.layout import KVLayout
 
 PART_HEADROOM_BYTES = 64 << 10  # room for the PutRequest envelope around an object part
+# Put sends objects in parts of at most this size (or the message limit, if smaller):
+# measured on loopback, gRPC Python moves ~1 MiB messages 2-3x faster than 6 MiB ones
+# (large messages are copied and reassembled whole on both sides before any use).
+STREAM_PART_BYTES = 1 << 20
 MAX_POSITION_FREE_TOKENS = 1 << 20
 DTYPE_TO_PROTO = {"float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16,
                   "float32": pb.DTYPE_FLOAT32}
@@ -94,12 +99,14 @@ def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first
     step = plan.tokens_per_chunk
     for index in range(first_chunk, plan.num_chunks):
         piece = plan.kv[:, :, :, index * step : (index + 1) * step, :]
-        obj = memoryview(encode_raw(piece, layout, flags=flags))
-        for start in range(0, obj.nbytes, part_bytes):
-            end = min(start + part_bytes, obj.nbytes)
-            yield pb.PutRequest(chunk=pb.PutChunk(chunk_index=index,
-                                                  object_part=obj[start:end].tobytes(),
-                                                  last_part=end == obj.nbytes))
+        obj = encode_raw(piece, layout, flags=flags)
+        view = memoryview(obj)
+        part_size = min(part_bytes, STREAM_PART_BYTES)
+        for start in range(0, len(obj), part_size):
+            end = min(start + part_size, len(obj))
+            part = obj if (start, end) == (0, len(obj)) else view[start:end].tobytes()
+            yield pb.PutRequest(chunk=pb.PutChunk(chunk_index=index, object_part=part,
+                                                  last_part=end == len(obj)))
 
 
 def get_request(namespace: pb.Namespace, tokens: np.ndarray, *, layers: Sequence[int] | None,

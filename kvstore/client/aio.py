@@ -6,6 +6,7 @@ Channels are created on first use, inside the running event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -15,11 +16,12 @@ import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._status import error_from_rpc, is_failover
 from kvstore.client._tensors import from_storage
 from kvstore.client.sync import Connections, Metadata
-from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.errors import InvalidArgument, KVStoreError, NotFound, PermissionDenied, Unavailable
 from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -66,17 +68,21 @@ class AsyncConnections(Connections):
 
 
 class AsyncClient:
-    """Asyncio client of one namespace; same arguments and semantics as ``Client``."""
+    """Asyncio client of one namespace; same arguments and semantics as ``Client``.
+
+    Same-host arena reads copy on a worker thread, so the event loop keeps running.
+    """
 
     def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
                  token: str | None = None, tls_ca_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
-                 tp_rank: int = 0) -> None:
+                 tp_rank: int = 0, transport: str = "auto") -> None:
         if not isinstance(layout, KVLayout):
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
         self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
+        self._local = local.LocalPath(transport)
         self._conns = AsyncConnections(addresses, token=token, tls_ca_file=tls_ca_file,
                                        timeout_s=timeout_s, max_message_bytes=max_message_bytes)
 
@@ -222,6 +228,10 @@ class AsyncClient:
                    position_free: bool) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        got = await self._get_local(arr, chosen, position_free)
+        if got is not local.STREAM:
+            return None if got is None else from_storage(got, self.layout.dtype,
+                                                         as_numpy=as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free)
 
@@ -234,7 +244,65 @@ class AsyncClient:
         out = await self._conns.acall("Get", attempt)
         return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
 
+    async def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool) -> Any:
+        """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not self._local.wants(index, address):
+            return local.STREAM
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        layers = chosen or list(range(self.layout.num_layers))
+        try:
+            lease = await self._lease(index, arr, position_free)
+            try:
+                return await asyncio.to_thread(self._local.read, lease, self.layout, per_chunk,
+                                               layers)
+            finally:
+                await self._release(index, lease.lease_id)
+        except PermissionDenied as exc:
+            return self._local.fallback(index, address, exc, refused=True)
+        except (KVStoreError, local.NotRaw) as exc:
+            return self._local.fallback(index, address, exc, refused=False)
+
+    async def _lease(self, index: int, arr: Any, position_free: bool) -> local.ArenaLease:
+        stub = self._conns.stub(index)
+        address = self._conns.addresses[index]
+        deadline, md = time.monotonic() + self._conns.timeout_s, self._conns.metadata
+        for attempt in range(2):
+            arena = self._local.mapped(index)
+            try:
+                timeout = self._conns.remaining(deadline, "LeaseChunks")
+                if arena is None:
+                    resp = await stub.AttachArena(pb.AttachArenaRequest(), timeout=timeout,
+                                                  metadata=md)
+                    arena = local.attach(resp)
+                    self._local.remember(index, arena)
+                request = pb.LeaseChunksRequest(namespace=self._ns, tokens_le_i32=arr.tobytes(),
+                                                position_free=position_free,
+                                                arena_nonce=arena.nonce)
+                lease = await stub.LeaseChunks(request, timeout=timeout, metadata=md)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc, address)
+                if isinstance(error, NotFound) and attempt == 0:
+                    self._local.forget(index)  # the daemon restarted: map its new arena
+                    continue
+                raise error from None
+            return local.ArenaLease(arena.reader, local.extents_of(lease),
+                                    lease.num_chunks_stored, lease.lease_id, lease.ttl_ms / 1000)
+        raise AssertionError("unreachable")
+
+    async def _release(self, index: int, lease_id: int) -> None:
+        if not lease_id:
+            return
+        try:
+            await self._conns.stub(index).ReleaseLease(
+                pb.ReleaseLeaseRequest(lease_id=lease_id), timeout=self._conns.timeout_s,
+                metadata=self._conns.metadata)
+        except grpc.RpcError as exc:  # the lease expires by itself; nothing is lost
+            log.info("releasing lease %d failed: %s", lease_id, exc.details())
+
     async def close(self) -> None:
+        self._local.close()
         await self._conns.aclose()
 
     async def __aenter__(self) -> AsyncClient:

@@ -10,115 +10,60 @@ one overall deadline, ``timeout_s``, shared by its attempts.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
+from kvstore.client._connections import Connections, Metadata
 from kvstore.client._status import error_from_rpc, is_failover
 from kvstore.client._tensors import from_storage
-from kvstore.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from kvstore.errors import (
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Metadata = tuple[tuple[str, str], ...]
 
 
-def normalize_addresses(addresses: str | Sequence[str]) -> list[str]:
-    found = [addresses] if isinstance(addresses, str) else list(addresses)
-    if not found or not all(isinstance(a, str) and ":" in a for a in found):
-        raise InvalidArgument(f"addresses must be HOST:PORT strings, got {addresses!r}")
-    return found
+def drained(stream: Any) -> Iterator[Any]:
+    """The messages of a response stream, read by a background thread as they arrive.
 
+    While the caller works on layer l, later layers keep arriving: without the
+    thread, gRPC's flow-control window fills and the daemon stalls until the caller
+    asks for the next message, so nothing would overlap. Errors are re-raised here.
+    """
+    messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    if max_message_bytes < 2 * proto.PART_HEADROOM_BYTES:
-        raise InvalidArgument(f"max_message_bytes must be >= {2 * proto.PART_HEADROOM_BYTES}, "
-                              f"got {max_message_bytes}")
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+    def read() -> None:
+        try:
+            for msg in stream:
+                messages.put(msg)
+        except BaseException as exc:  # handed to the consuming thread
+            messages.put(exc)
+        messages.put(end)
 
-
-def read_ca(tls_ca_file: str | None) -> bytes | None:
-    if tls_ca_file is None:
-        return None
+    threading.Thread(target=read, name="kvstore-get-layers", daemon=True).start()
     try:
-        with open(tls_ca_file, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read tls_ca_file {tls_ca_file}: {exc}") from exc
-
-
-class Connections:
-    """Channels to a list of daemons and the failover loop over them."""
-
-    def __init__(self, addresses: str | Sequence[str], *, token: str | None,
-                 tls_ca_file: str | None, timeout_s: float, max_message_bytes: int) -> None:
-        self.addresses = normalize_addresses(addresses)
-        self.timeout_s = timeout_s
-        self.metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._options = channel_options(max_message_bytes)
-        self._ca = read_ca(tls_ca_file)
-        self._is_tls = tls_ca_file is not None
-        self._channels: dict[int, grpc.Channel] = {}
-        self._current = 0
-
-    def stub(self, index: int) -> pb_grpc.KVStoreStub:
-        channel = self._channels.get(index)
-        if channel is None:
-            address = self.addresses[index]
-            if self._is_tls:
-                creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
-                channel = grpc.secure_channel(address, creds, options=self._options)
-            else:
-                channel = grpc.insecure_channel(address, options=self._options)
-            self._channels[index] = channel
-        return pb_grpc.KVStoreStub(channel)
-
-    def order(self) -> list[int]:
-        """Address indexes to try, the one that answered last first."""
-        n = len(self.addresses)
-        return [(self._current + i) % n for i in range(n)]
-
-    def succeeded(self, index: int) -> None:
-        self._current = index
-
-    def remaining(self, deadline: float, what: str) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded(f"{what}: timeout of {self.timeout_s} s spent before a daemon "
-                                   "answered")
-        return left
-
-    def all_failed(self, what: str, failures: list[str]) -> Unavailable:
-        return Unavailable(f"{what}: no daemon answered; tried " + "; ".join(failures))
-
-    def call(self, what: str, fn: Callable[[pb_grpc.KVStoreStub, float, Metadata], T]) -> T:
-        """Run ``fn(stub, timeout_s, metadata)`` against each address until one answers."""
-        deadline = time.monotonic() + self.timeout_s
-        failures: list[str] = []
-        for index in self.order():
-            try:
-                result = fn(self.stub(index), self.remaining(deadline, what), self.metadata)
-            except grpc.RpcError as exc:
-                if not is_failover(exc):
-                    raise error_from_rpc(exc, self.addresses[index]) from None
-                failures.append(f"{self.addresses[index]}: {exc.code().name} {exc.details()}")
-                log.info("%s failed on %s, trying the next address", what, failures[-1])
-                continue
-            self.succeeded(index)
-            return result
-        raise self.all_failed(what, failures)
-
-    def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
-        self._channels.clear()
+        while (item := messages.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stream.cancel()  # a no-op once the stream ended; stops the reader if we quit early
 
 
 def fetch_stats(addresses: str | Sequence[str], *, token: str | None = None,
@@ -145,6 +90,10 @@ class Client:
         timeout_s: overall deadline of each call, failover attempts included.
         max_message_bytes: largest gRPC message; objects are split below it.
         tp_rank: tensor-parallel rank whose heads this client stores.
+        transport: how ``get``/``get_chunk`` read: "auto" maps the daemon's DRAM arena
+            when it is on this host (loopback address, matching nonce) and streams
+            otherwise; "arena" insists on the arena (errors say why it cannot be
+            used); "stream" always streams over gRPC. ``get_layers`` always streams.
 
     Tensors are ``[layers, 2, kv_heads, tokens, head_dim]`` torch tensors or numpy
     arrays in ``layout.dtype``. numpy has no bfloat16: pass and receive bfloat16 as
@@ -154,12 +103,13 @@ class Client:
     def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
                  token: str | None = None, tls_ca_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
-                 tp_rank: int = 0) -> None:
+                 tp_rank: int = 0, transport: str = "auto") -> None:
         if not isinstance(layout, KVLayout):
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
         self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
+        self._local = local.LocalPath(transport)
         self._conns = Connections(addresses, token=token, tls_ca_file=tls_ca_file,
                                   timeout_s=timeout_s, max_message_bytes=max_message_bytes)
 
@@ -220,7 +170,7 @@ class Client:
             try:
                 stream = stub.Get(request, timeout=self._conns.remaining(deadline, "Get"),
                                   metadata=self._conns.metadata)
-                for msg in stream:
+                for msg in drained(stream):
                     done = asm.add(msg)
                     if num_chunks is not None and yielded and asm.num_chunks != num_chunks:
                         raise Unavailable("stream broke and the next daemon holds a different "
@@ -305,6 +255,10 @@ class Client:
              position_free: bool) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        out = self._get_local(arr, chosen, position_free)
+        if out is not local.STREAM:
+            return None if out is None else from_storage(out, self.layout.dtype,
+                                                         as_numpy=as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free)
 
@@ -317,7 +271,82 @@ class Client:
         out = self._conns.call("Get", attempt)
         return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
 
+    # ------------------------------------------------------------ same-host arena
+
+    def lease(self, tokens: Any, *, ttl_s: float | None = None,
+              position_free: bool = False) -> local.ArenaLease:
+        """Pin the leading stored chunks in the daemon's arena and map it (same host only).
+
+        The returned lease (a context manager) gives the mapped arena and one extent
+        per pinned chunk; objects are not verified: check them before use. Release
+        it when done; it also ends by itself after ``ttl_s`` (default: the daemon's).
+
+        Raises:
+            PermissionDenied: the daemon refuses arena references to this caller.
+            NotFound: the arena cannot be mapped here (another host or user).
+        """
+        if self._local.transport == "stream":
+            raise InvalidArgument("this client was made with transport='stream'; leases need "
+                                  "the arena")
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        index = self._conns.order()[0]
+        return self._lease(index, arr, position_free, ttl_s)
+
+    def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool) -> Any:
+        """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not self._local.wants(index, address):
+            return local.STREAM
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        layers = chosen or list(range(self.layout.num_layers))
+        try:
+            with self._lease(index, arr, position_free, None) as lease:
+                return self._local.read(lease, self.layout, per_chunk, layers)
+        except PermissionDenied as exc:
+            return self._local.fallback(index, address, exc, refused=True)
+        except (KVStoreError, local.NotRaw) as exc:
+            return self._local.fallback(index, address, exc, refused=False)
+
+    def _lease(self, index: int, arr: Any, position_free: bool,
+               ttl_s: float | None) -> local.ArenaLease:
+        stub = self._conns.stub(index)
+        address = self._conns.addresses[index]
+        deadline, md = time.monotonic() + self._conns.timeout_s, self._conns.metadata
+        for attempt in range(2):
+            arena = self._local.mapped(index)
+            try:
+                timeout = self._conns.remaining(deadline, "LeaseChunks")
+                if arena is None:
+                    arena = local.attach(stub.AttachArena(pb.AttachArenaRequest(),
+                                                          timeout=timeout, metadata=md))
+                    self._local.remember(index, arena)
+                request = pb.LeaseChunksRequest(
+                    namespace=self._ns, tokens_le_i32=arr.tobytes(), position_free=position_free,
+                    ttl_ms=0 if ttl_s is None else max(1, int(ttl_s * 1000)),
+                    arena_nonce=arena.nonce)
+                resp = stub.LeaseChunks(request, timeout=timeout, metadata=md)
+            except grpc.RpcError as exc:
+                error = error_from_rpc(exc, address)
+                if isinstance(error, NotFound) and attempt == 0:
+                    self._local.forget(index)  # the daemon restarted: map its new arena
+                    continue
+                raise error from None
+            return local.ArenaLease(arena.reader, local.extents_of(resp), resp.num_chunks_stored,
+                                    resp.lease_id, resp.ttl_ms / 1000,
+                                    lambda lease_id: self._release(index, lease_id))
+        raise AssertionError("unreachable")
+
+    def _release(self, index: int, lease_id: int) -> None:
+        try:
+            self._conns.stub(index).ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease_id),
+                                                 timeout=self._conns.timeout_s,
+                                                 metadata=self._conns.metadata)
+        except grpc.RpcError as exc:  # the lease expires by itself; nothing is lost
+            log.info("releasing lease %d failed: %s", lease_id, exc.details())
+
     def close(self) -> None:
+        self._local.close()
         self._conns.close()
 
     def __enter__(self) -> Client:

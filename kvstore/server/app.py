@@ -24,6 +24,7 @@ from kvstore._proto import kvstore_pb2, kvstore_pb2_grpc
 from kvstore.config import Config, ServerConfig
 from kvstore.errors import InvalidArgument
 from kvstore.server.auth import Authenticator
+from kvstore.server.local import SameHostPolicy
 from kvstore.server.metrics import MetricsEndpoint, ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.service import KVStoreServicer
@@ -120,8 +121,10 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
                                   thread_name_prefix="kvstore-io")
     registry = NamespaceRegistry(config.tiers.disk.path if config.tiers.disk.enabled else None)
     counters = ServiceCounters()
+    same_host = SameHostPolicy(enabled=config.server.same_host,
+                               arena_for_tenants=config.server.arena_for_tenants)
     servicer = KVStoreServicer(engine, registry, Authenticator(config.server.tokens), executor,
-                               counters, max_message_bytes=limit)
+                               counters, max_message_bytes=limit, same_host=same_host)
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

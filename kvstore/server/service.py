@@ -29,7 +29,7 @@ from kvstore.errors import (
     PermissionDenied,
 )
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.server import objects
+from kvstore.server import local, objects
 from kvstore.server.auth import Authenticator
 from kvstore.server.metrics import ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
@@ -95,13 +95,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     def __init__(self, engine: Any, registry: NamespaceRegistry, authenticator: Authenticator,
                  executor: Executor, counters: ServiceCounters, *,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int,
+                 same_host: local.SameHostPolicy | None = None) -> None:
         self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
         self._registry = registry
         self._auth = authenticator
         self._executor = executor
         self._counters = counters
         self._max_message_bytes = max_message_bytes
+        self._same_host = same_host or local.SameHostPolicy(enabled=True,
+                                                            arena_for_tenants=False)
 
     # ------------------------------------------------------------ helpers
 
@@ -155,6 +158,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def Put(self, request_iterator: Any, context: Any, tenant: str | None):
         assembler: PutAssembler | None = None
         stored = present = 0
+        # One chunk is verified and stored on the pool while the next one arrives.
+        pending: asyncio.Future[bool] | None = None
         async for request in request_iterator:
             kind = request.WhichOneof("msg")
             if assembler is None:
@@ -167,8 +172,14 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 raise InvalidArgument(f"a Put stream has one header, then chunks; got {kind}")
             chunk = assembler.add(request.chunk)
             if chunk is not None:
-                is_new = await self._run(self._store, assembler, chunk)
-                stored, present = stored + is_new, present + (not is_new)
+                if pending is not None:
+                    is_new = await pending
+                    stored, present = stored + is_new, present + (not is_new)
+                pending = asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._store, assembler, chunk)
+        if pending is not None:
+            is_new = await pending
+            stored, present = stored + is_new, present + (not is_new)
         if assembler is None:
             raise InvalidArgument("empty Put stream: expected a header, then chunks")
         assembler.finish()
@@ -218,6 +229,36 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             requests=self._counters.num_requests,
             failed_requests=self._counters.num_failed_requests,
         )
+
+    # ------------------------------------------------------------ same-host arena
+
+    @_rpc
+    async def AttachArena(self, request: pb.AttachArenaRequest, context: Any,
+                          tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        return pb.AttachArenaResponse(**local.attach_info(self._engine.dram))
+
+    @_rpc
+    async def LeaseChunks(self, request: pb.LeaseChunksRequest, context: Any,
+                          tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        local.check_nonce(self._engine.dram, request.arena_nonce)
+        namespace = self._namespace(request, tenant)
+        position_free = request.position_free
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
+        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
+        run = await self._run(local.lease_run, self._engine, keys, ttl_s)
+        return pb.LeaseChunksResponse(
+            lease_id=run.lease_id, ttl_ms=int(run.ttl_s * 1000), num_chunks_stored=run.num_stored,
+            extents=[pb.ChunkExtent(offset_bytes=o, length_bytes=n) for o, n in run.extents])
+
+    @_rpc
+    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any,
+                           tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
+        return pb.ReleaseLeaseResponse()
 
     # ------------------------------------------------------------ Get
 
@@ -283,7 +324,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def _stream_chunk_major(self, keys: list[ChunkKey], request: pb.GetRequest,
                                   layers: list[int], context: Any) -> AsyncIterator[pb.GetResponse]:
         loop = asyncio.get_running_loop()
-        per_layer = bool(request.layers)
+        # Decoded tensors go one (chunk, layer) per message: gRPC Python streams
+        # sub-MiB messages 2-3x faster than whole multi-MiB objects, and the client
+        # places each straight into its output.
+        per_layer = not request.encoded
         pending = loop.run_in_executor(self._executor, self._load, keys[0], request.encoded)
         for index in range(len(keys)):
             obj = await pending

@@ -1,13 +1,13 @@
-"""The CPU DRAM tier: an LRU of KVC1 objects held as bytes within a byte capacity."""
+"""The CPU DRAM tier: KVC1 objects in a shared-memory arena, LRU within a byte capacity."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
+from kvstore.arena import Arena, ArenaIdentity, Extent, LeaseId
 from kvstore.config import CpuTierConfig
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import EvictCallback, TierStats
@@ -16,55 +16,63 @@ logger = logging.getLogger(__name__)
 
 
 class CpuTier:
-    """DRAM tier, name ``"cpu"``: an OrderedDict LRU (least recent first) under one lock.
+    """DRAM tier, name ``"cpu"``: a `kvstore.arena.Arena` (one /dev/shm file) with LRU.
+
+    Living in the arena lets same-host clients map the tier read-only and copy
+    chunks out under a lease (``lease``/``extend_lease``/``release_lease``) instead
+    of receiving them over a socket. ``get`` returns a private copy.
 
     Reads do not verify checksums: memory is trusted, and every object was verified
     before it was put (by the server, or by the slower tier it was promoted from).
+    Same-host clients verify what they copy out.
 
     Eviction hands each dropped object to ``on_evict`` *outside* the lock, so the
     callback may write it to a slower tier (or even call back into this tier) without
     deadlock. Until the callback returns, the evicted object stays readable through
     ``get``/``contains_many``/``peek`` (it no longer counts toward ``used_bytes``):
     a reader never sees a chunk vanish from DRAM before its demotion has landed.
+    Leased objects are never evicted; a put that finds every byte leased is refused.
     """
 
     name = "cpu"
 
     def __init__(self, config: CpuTierConfig, on_evict: EvictCallback | None = None) -> None:
         """Args:
-        config: capacity of the tier.
+        config: capacity, arena directory, lease TTL and huge-page wish of the tier.
         on_evict: called with (key, object) for each evicted object; the engine sets
             it (attribute ``on_evict``) to demote objects to the disk tier.
         """
         self.on_evict = on_evict
         self._capacity_bytes = config.capacity_bytes
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[ChunkKey, bytes] = OrderedDict()  # LRU first, MRU last
-        # Objects evicted whose on_evict callback is still running -> still readable.
-        self._evicting: dict[ChunkKey, bytes] = {}
-        self._used_bytes = 0  # sum of len() over _entries
+        self._arena = Arena(max(config.capacity_bytes, 64), directory=config.shm_dir,
+                            on_evict=self._evicted, lease_ttl_s=config.lease_ttl_s,
+                            hugepages=config.hugepages)
+        self._lock = threading.Lock()  # guards the counters only; the arena locks itself
         self._stats = TierStats(name=self.name, capacity_bytes=self._capacity_bytes)
+
+    def _evicted(self, key: ChunkKey, obj: bytes) -> None:
+        with self._lock:
+            self._stats.evictions += 1
+        callback = self.on_evict
+        if callback is not None:
+            callback(key, obj)
+
+    # -- the Tier protocol --------------------------------------------------------
 
     def get(self, key: ChunkKey) -> bytes | None:
         """The object under ``key`` (now the most recently used), or None."""
+        obj = self._arena.get(key)
         with self._lock:
-            obj = self._entries.get(key)
-            if obj is not None:
-                self._entries.move_to_end(key)
-            else:
-                obj = self._evicting.get(key)
             if obj is None:
                 self._stats.misses += 1
                 return None
             self._stats.hits += 1
             self._stats.read_bytes += len(obj)
-            return obj
+        return obj
 
     def peek(self, key: ChunkKey) -> bytes | None:
         """The object under ``key`` without touching recency or hit counters."""
-        with self._lock:
-            obj = self._entries.get(key)
-            return obj if obj is not None else self._evicting.get(key)
+        return self._arena.peek(key)
 
     def put(self, key: ChunkKey, obj: bytes) -> bool:
         """Store ``obj``, evicting least recently used objects to make room.
@@ -72,84 +80,65 @@ class CpuTier:
         Returns:
             True if the object is held afterwards (a key already present is only
             refreshed: objects are content-addressed); False if it is larger than
-            the whole capacity.
+            the whole capacity or the room it needs is leased by same-host readers.
         """
         size = len(obj)
         if size > self._capacity_bytes:
             return False
-        if not isinstance(obj, bytes):
-            obj = bytes(obj)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return True
-            self._entries[key] = obj
-            self._used_bytes += size
-            self._stats.puts += 1
-            self._stats.written_bytes += size
-            evicted = self._evict_to_fit_locked()
-        if evicted:
-            self._run_evict_callbacks(evicted)
+        is_new = not self._arena.contains(key)
+        if not self._arena.put(key, obj):
+            logger.debug("DRAM refused a %d-byte chunk: its room is leased", size)
+            return False
+        if is_new:
+            with self._lock:
+                self._stats.puts += 1
+                self._stats.written_bytes += size
         return True
 
-    def _evict_to_fit_locked(self) -> list[tuple[ChunkKey, bytes]]:
-        evicted: list[tuple[ChunkKey, bytes]] = []
-        while self._used_bytes > self._capacity_bytes:
-            victim, obj = self._entries.popitem(last=False)
-            self._used_bytes -= len(obj)
-            self._stats.evictions += 1
-            evicted.append((victim, obj))
-            if self.on_evict is not None:
-                self._evicting[victim] = obj
-        # The newest object is at most the capacity, so it is never its own victim.
-        assert self._used_bytes >= 0
-        return evicted
-
-    def _run_evict_callbacks(self, evicted: list[tuple[ChunkKey, bytes]]) -> None:
-        callback = self.on_evict
-        for victim, obj in evicted:
-            try:
-                if callback is not None:
-                    callback(victim, obj)
-            except Exception:
-                # The put that triggered the eviction succeeded; a failing demotion
-                # only loses a cached copy, so it must not fail the caller.
-                logger.exception("on_evict callback failed for chunk %s", victim.hex())
-            finally:
-                with self._lock:
-                    if self._evicting.get(victim) is obj:
-                        del self._evicting[victim]
-
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        with self._lock:
-            return [k in self._entries or k in self._evicting for k in keys]
+        return self._arena.contains_many(keys)
 
     def delete(self, key: ChunkKey) -> bool:
         """Drop ``key`` (also from objects mid-eviction); True if it was held."""
-        with self._lock:
-            obj = self._entries.pop(key, None)
-            if obj is not None:
-                self._used_bytes -= len(obj)
-            was_evicting = self._evicting.pop(key, None) is not None
-            return obj is not None or was_evicting
+        return self._arena.delete(key)
 
     def keys(self) -> list[ChunkKey]:
         """Snapshot of the held keys, least recently used first."""
-        with self._lock:
-            return list(self._entries)
+        return self._arena.keys()
 
     def stats(self) -> TierStats:
         with self._lock:
-            return dataclasses.replace(
-                self._stats,
-                used_bytes=self._used_bytes,
-                num_objects=len(self._entries),
-                info={"io": "dram"},
-            )
+            stats = dataclasses.replace(self._stats)
+        stats.used_bytes = self._arena.used_bytes
+        stats.num_objects = len(self._arena)
+        stats.info = {"io": "dram", "arena": self._arena.path,
+                      "hugepages": self._arena.hugepages,
+                      "leases": str(self._arena.num_leases())}
+        return stats
 
     def close(self) -> None:
         """Drop every object (without eviction callbacks: the engine flushes first)."""
-        with self._lock:
-            self._entries.clear()
-            self._evicting.clear()
-            self._used_bytes = 0
+        self._arena.close()
+
+    # -- same-host references -----------------------------------------------------
+
+    def identity(self) -> ArenaIdentity:
+        """Path, size and nonce of the arena file, for AttachArena."""
+        return self._arena.identity()
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return self._arena.lease_ttl_s
+
+    def lease(self, keys: Sequence[ChunkKey], ttl_s: float | None = None
+              ) -> tuple[LeaseId, list[Extent]]:
+        """Pin the leading resident ``keys``; the lease and their extents (maybe none)."""
+        return self._arena.lease(keys, ttl_s)
+
+    def extend_lease(self, lease_id: LeaseId, key: ChunkKey) -> Extent | None:
+        """Add a resident ``key`` to a lease; None if DRAM does not hold it."""
+        return self._arena.extend(lease_id, key)
+
+    def release_lease(self, lease_id: LeaseId) -> None:
+        """End a lease; raises NotFound if it is not held (released or expired)."""
+        self._arena.release(lease_id)

@@ -28,6 +28,7 @@ from kvstore.config import DiskTierConfig
 from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import TierStats
+from kvstore.tiers.disk_io import select_io
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +55,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _read_file(path: str) -> tuple[bytes, int]:
-    """Whole file contents and its inode number (to recognise the same file later)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        st = os.fstat(fd)
-        parts: list[bytes] = []
-        remaining = st.st_size
-        while remaining > 0:
-            part = os.read(fd, remaining)
-            if not part:
-                break  # shorter than stat said: verification reports it truncated
-            parts.append(part)
-            remaining -= len(part)
-    finally:
-        os.close(fd)
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_ino
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -94,6 +77,7 @@ class DiskTier:
         self._root = str(Path(config.path).expanduser())
         self._capacity_bytes = config.capacity_bytes
         self._fsync = config.fsync
+        self._io = select_io(config.io)  # kvikio or POSIX reads, chosen once
         self._lock = threading.Lock()
         self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> bytes, LRU first
         self._used_bytes = 0
@@ -160,7 +144,7 @@ class DiskTier:
             self._index.move_to_end(key)
         path = self.path_of(key)
         try:
-            data, inode = _read_file(path)
+            data, inode = self._io.read(path)
         except FileNotFoundError:
             self._forget_missing(key, path)
             return None
@@ -242,7 +226,7 @@ class DiskTier:
                 self._stats,
                 used_bytes=self._used_bytes,
                 num_objects=len(self._index),
-                info={"io": "posix", "path": self._root, "fsync": str(self._fsync).lower()},
+                info={"io": self._io.name, "path": self._root, "fsync": str(self._fsync).lower()},
             )
 
     def close(self) -> None:

@@ -1,0 +1,194 @@
+"""The arena file: its header format, creation, stale-file cleanup and read-only mapping.
+
+Shared by the daemon (``kvstore.arena.Arena`` creates and writes the file) and
+the client (``ArenaReader`` maps it read-only); needs only the standard library.
+
+File layout (little-endian): the first ``HEADER_BYTES`` (one 4 KiB page) hold the
+header, objects follow, each starting on an ``ALIGN``-byte boundary::
+
+    offset size field
+    0      4    magic        b"KVA1"
+    4      2    version      FILE_VERSION (1)
+    6      2    reserved     0
+    8      8    data_bytes   bytes of the object region after the header page
+    16     16   nonce        random per arena; a client proves it mapped *this*
+                             daemon's arena by reading it back (same-host check)
+    32     4    pid          the daemon's process id (stale files of dead daemons
+                             are removed at start-up)
+
+The file lives in a shared-memory directory (``/dev/shm`` by default, or a
+hugetlbfs mount when hugepages are asked for and available) with mode 0600: only
+processes of the daemon's user can open it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.errors import Corrupt, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+# Objects start on a cache-line boundary: enough for vectorised copies, and CUDA
+# registers the arena as a whole, never per object. Small objects waste little.
+ALIGN = 64
+HEADER_BYTES = 4096  # one page, so the object region starts page-aligned
+PAGE_BYTES = 4096
+_HUGE_PAGE = 2 << 20
+FILE_HEADER = struct.Struct("<4sHHQ16sI")
+FILE_MAGIC = b"KVA1"
+FILE_VERSION = 1
+_PREFIX = "kvstore-arena-"
+assert FILE_HEADER.size <= HEADER_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """Where one object lies in the arena file."""
+
+    offset: int  # bytes from the start of the file
+    length: int  # bytes of the object
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaIdentity:
+    """What a client needs to map an arena and prove it is the daemon's."""
+
+    path: str  # the arena file
+    file_bytes: int  # size of the file (header page included)
+    nonce: bytes  # 16 random bytes, also written in the file header
+    hugepages: str  # "hugetlbfs", "thp" (madvise) or "off"
+
+
+def host_boot_id() -> str:
+    """This host's boot id (changes on every boot, differs between hosts); "" if unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def round_up(n: int, unit: int) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_files(directory: str) -> int:
+    """Unlink arena files of daemons that died without closing them; returns how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        pid_text = name[len(_PREFIX):].split("-", 1)[0] if name.startswith(_PREFIX) else ""
+        if pid_text.isdigit() and not _is_alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed += 1
+            except OSError:
+                pass  # another user's file, or already gone
+    if removed:
+        log.info("removed %d stale arena files of dead daemons from %s", removed, directory)
+    return removed
+
+
+def create_file(directory: str, file_bytes: int, *, hugepages: bool
+                 ) -> tuple[str, mmap.mmap, str]:
+    """Create and map the arena file; tries hugetlbfs first when ``hugepages``."""
+    if hugepages and os.path.isdir("/dev/hugepages"):
+        try:
+            return (*_map_new("/dev/hugepages", round_up(file_bytes, _HUGE_PAGE)), "hugetlbfs")
+        except OSError as exc:  # no free huge pages, or no permission
+            log.info("hugetlbfs arena not available (%s); using %s", exc, directory)
+    base = directory if os.path.isdir(directory) else "/tmp"
+    path, mapped = _map_new(base, file_bytes)
+    mode = "off"
+    if hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:  # transparent huge pages for shmem, when the kernel allows it
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+            mode = "thp"
+        except OSError:
+            pass
+    return path, mapped, mode
+
+
+def _map_new(directory: str, file_bytes: int) -> tuple[str, mmap.mmap]:
+    path = str(Path(directory) / f"{_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, file_bytes)
+        return path, mmap.mmap(fd, file_bytes)
+    except OSError:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+class ArenaReader:
+    """A client's read-only mapping of a daemon's arena file.
+
+    Args:
+        path: the arena file the daemon named.
+        nonce: when given, the file header must carry it, which proves the file is
+            the daemon's arena (the client is on the daemon's host).
+
+    Raises:
+        NotFound: the file cannot be opened or mapped (another host, user or daemon).
+        Corrupt: the file is not an arena or its nonce differs.
+    """
+
+    def __init__(self, path: str, *, nonce: bytes | None = None) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise NotFound(f"cannot open arena {path}: {exc}") from exc
+        try:
+            self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:
+            raise NotFound(f"cannot map arena {path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        self.path = path
+        self._view = memoryview(self._map)
+        magic, version, _, _, found, _ = FILE_HEADER.unpack_from(self._view)
+        if magic != FILE_MAGIC or version != FILE_VERSION or (nonce is not None and
+                                                              found != nonce):
+            self.close()
+            raise Corrupt(f"{path} is not the daemon's arena (magic {magic!r}, version "
+                          f"{version}, nonce {'matches' if found == nonce else 'differs'})")
+        self.nonce = found
+
+    @property
+    def nbytes(self) -> int:
+        return self._view.nbytes
+
+    def view(self, extent: Extent) -> memoryview:
+        """Zero-copy view of one leased object; valid until the lease ends."""
+        if extent.offset < 0 or extent.offset + extent.length > self._view.nbytes:
+            raise InvalidArgument(f"extent {extent} outside the arena of {self._view.nbytes} bytes")
+        return self._view[extent.offset : extent.offset + extent.length]
+
+    def close(self) -> None:
+        self._view.release()
+        try:
+            self._map.close()
+        except BufferError:  # views handed out are still alive; the GC unmaps later
+            pass

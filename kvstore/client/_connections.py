@@ -1,0 +1,118 @@
+"""Channels to a list of daemons and the failover loop over them (shared by both clients).
+
+Failover: a call that fails with UNAVAILABLE (connection refused, daemon
+draining) or whose stream is cut mid-way moves to the next address and is
+retried whole; calls are idempotent because keys are content hashes. The
+address that answered becomes the first one tried next time. Every call has
+one overall deadline, ``timeout_s``, shared by its attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _protocol as proto
+from kvstore.client._status import error_from_rpc, is_failover
+from kvstore.errors import DeadlineExceeded, InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...]
+
+
+def normalize_addresses(addresses: str | Sequence[str]) -> list[str]:
+    found = [addresses] if isinstance(addresses, str) else list(addresses)
+    if not found or not all(isinstance(a, str) and ":" in a for a in found):
+        raise InvalidArgument(f"addresses must be HOST:PORT strings, got {addresses!r}")
+    return found
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    if max_message_bytes < 2 * proto.PART_HEADROOM_BYTES:
+        raise InvalidArgument(f"max_message_bytes must be >= {2 * proto.PART_HEADROOM_BYTES}, "
+                              f"got {max_message_bytes}")
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def read_ca(tls_ca_file: str | None) -> bytes | None:
+    if tls_ca_file is None:
+        return None
+    try:
+        with open(tls_ca_file, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read tls_ca_file {tls_ca_file}: {exc}") from exc
+
+
+class Connections:
+    """Channels to a list of daemons and the failover loop over them."""
+
+    def __init__(self, addresses: str | Sequence[str], *, token: str | None,
+                 tls_ca_file: str | None, timeout_s: float, max_message_bytes: int) -> None:
+        self.addresses = normalize_addresses(addresses)
+        self.timeout_s = timeout_s
+        self.metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._options = channel_options(max_message_bytes)
+        self._ca = read_ca(tls_ca_file)
+        self._is_tls = tls_ca_file is not None
+        self._channels: dict[int, grpc.Channel] = {}
+        self._current = 0
+
+    def stub(self, index: int) -> pb_grpc.KVStoreStub:
+        channel = self._channels.get(index)
+        if channel is None:
+            address = self.addresses[index]
+            if self._is_tls:
+                creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
+                channel = grpc.secure_channel(address, creds, options=self._options)
+            else:
+                channel = grpc.insecure_channel(address, options=self._options)
+            self._channels[index] = channel
+        return pb_grpc.KVStoreStub(channel)
+
+    def order(self) -> list[int]:
+        """Address indexes to try, the one that answered last first."""
+        n = len(self.addresses)
+        return [(self._current + i) % n for i in range(n)]
+
+    def succeeded(self, index: int) -> None:
+        self._current = index
+
+    def remaining(self, deadline: float, what: str) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"{what}: timeout of {self.timeout_s} s spent before a daemon "
+                                   "answered")
+        return left
+
+    def all_failed(self, what: str, failures: list[str]) -> Unavailable:
+        return Unavailable(f"{what}: no daemon answered; tried " + "; ".join(failures))
+
+    def call(self, what: str, fn: Callable[[pb_grpc.KVStoreStub, float, Metadata], T]) -> T:
+        """Run ``fn(stub, timeout_s, metadata)`` against each address until one answers."""
+        deadline = time.monotonic() + self.timeout_s
+        failures: list[str] = []
+        for index in self.order():
+            try:
+                result = fn(self.stub(index), self.remaining(deadline, what), self.metadata)
+            except grpc.RpcError as exc:
+                if not is_failover(exc):
+                    raise error_from_rpc(exc, self.addresses[index]) from None
+                failures.append(f"{self.addresses[index]}: {exc.code().name} {exc.details()}")
+                log.info("%s failed on %s, trying the next address", what, failures[-1])
+                continue
+            self.succeeded(index)
+            return result
+        raise self.all_failed(what, failures)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
