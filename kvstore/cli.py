@@ -21,7 +21,9 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Subcommands owned by other modules: name -> ("module:function", help). The function
 # takes the remaining argv and returns an exit code. Adding one is a single line, e.g.
 #   "calibrate": ("kvstore.codec.calibrate:main", "fit codec tables on real KV"),
-DELEGATED: dict[str, tuple[str, str]] = {}
+DELEGATED: dict[str, tuple[str, str]] = {
+    "calibrate": ("kvstore.codec.calibrate:main", "fit kvq codec tables on a model's own KV"),
+}
 
 
 def _add_serve(sub: Any) -> None:

@@ -1,0 +1,186 @@
+"""Calibration tables: per-(layer group, K|V) bin counts of every kvq level, per model.
+
+``kvstore calibrate`` runs the model on sample text, measures how much each layer
+group's keys and values hurt the next-token distribution when quantised coarsely
+(KL divergence against the exact cache), and allocates bins greedily where they buy
+the most KL per bit until each level's KL target is met. Keys and values of
+different depths differ a lot (SmolLM2: keys of layers 15-24 cost 10-30x the KL of
+layers 0-4), so uniform bins waste bits.
+
+A table is a JSON file, ``<user data dir>/kvstore/calibration/<model>-<id>.json``:
+
+    {"format": "kvq-calibration/1", "model": "smollm2-135m", "table_id": "<16 hex>",
+     "layout": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64},
+     "group_layers": 5, "sensitivity": {"k": [...], "v": [...]},
+     "levels": {"balanced": {"k": [bins per group], "v": [...]}, ...}}
+
+``table_id`` is the xxh64 of the canonical JSON of everything else; objects record
+it in their meta area. Decoding never needs the table (bins travel per section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+import xxhash
+
+from kvstore.codec.levels import LEVELS
+from kvstore.errors import Corrupt, InvalidArgument, NotFound
+from kvstore.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = "kvq-calibration/1"
+KEY_LADDER = (5, 7, 9, 11, 13, 15, 17, 19, 23, 27, 31, 39, 47, 55, 63, 79, 95, 127)
+VALUE_LADDER = (3, 5, 7, 9, 11, 13, 15, 19, 23, 27, 31, 39, 47, 55, 63, 79, 95, 127)
+REFERENCE_BINS = (7, 5)  # (keys, values) bins at which sensitivity is measured
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationTable:
+    model: str  # model name the table was measured on
+    num_layers: int  # layout the table applies to
+    num_kv_heads: int
+    head_dim: int
+    group_layers: int  # consecutive layers sharing bins
+    sensitivity: dict[str, list[float]]  # "k"/"v" -> KL (nats) per group at REFERENCE_BINS
+    levels: dict[str, dict[str, list[int]]]  # level -> "k"/"v" -> bins per group
+    table_id: int  # xxh64 of the canonical JSON body
+
+    def bins(self, level: str, layer: int, kv_index: int) -> int:
+        """Bins for a (level, layer, K=0|V=1)."""
+        if level not in self.levels:
+            raise InvalidArgument(f"calibration table {self.table_id:016x} has no level {level!r}")
+        return self.levels[level]["kv"[kv_index]][layer // self.group_layers]
+
+    def check_layout(self, layout: KVLayout) -> None:
+        mine = (self.num_layers, self.num_kv_heads, self.head_dim)
+        theirs = (layout.num_layers, layout.num_kv_heads, layout.head_dim)
+        if mine != theirs:
+            raise InvalidArgument(f"calibration table for {self.model} has layers/heads/dim "
+                                  f"{mine}, layout has {theirs}")
+
+    def body(self) -> dict:
+        return {
+            "format": TABLE_FORMAT, "model": self.model,
+            "layout": {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                       "head_dim": self.head_dim},
+            "group_layers": self.group_layers, "sensitivity": self.sensitivity,
+            "levels": self.levels,
+        }
+
+
+def _id_of(body: dict) -> int:
+    return xxhash.xxh64(json.dumps(body, sort_keys=True).encode()).intdigest()
+
+
+def make_table(model: str, layout: KVLayout, group_layers: int,
+               sensitivity: dict[str, list[float]]) -> CalibrationTable:
+    """Allocate bins for every kvq level from measured group sensitivities."""
+    levels = {lv.name: allocate_bins(sensitivity, lv.target_kl, group_layers, layout.num_layers)
+              for lv in LEVELS.values() if lv.level_id}
+    table = CalibrationTable(model, layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                             group_layers, sensitivity, levels, 0)
+    return CalibrationTable(**{**{f: getattr(table, f) for f in table.__slots__},
+                               "table_id": _id_of(table.body())})
+
+
+def predicted_kl(sens: float, bins: int, reference: int) -> float:
+    """KL of a group at ``bins``: quantisation noise power scales with step**2."""
+    return sens * ((reference - 1) / (bins - 1)) ** 2
+
+
+def allocate_bins(sensitivity: dict[str, list[float]], target_kl: float, group_layers: int,
+                  num_layers: int) -> dict[str, list[int]]:
+    """Greedy: raise the bins of the group buying most KL per bit until the target holds."""
+    ladders = {"k": KEY_LADDER, "v": VALUE_LADDER}
+    refs = {"k": REFERENCE_BINS[0], "v": REFERENCE_BINS[1]}
+    groups = len(sensitivity["k"])
+    sizes = [min(group_layers, num_layers - g * group_layers) for g in range(groups)]
+    rung = {kv: [0] * groups for kv in "kv"}
+
+    def kl(kv: str, g: int, r: int) -> float:
+        return predicted_kl(max(sensitivity[kv][g], 0.0), ladders[kv][r], refs[kv])
+
+    total = sum(kl(kv, g, 0) for kv in "kv" for g in range(groups))
+    while total > target_kl:
+        best, best_gain = None, 0.0
+        for kv in "kv":
+            for g in range(groups):
+                r = rung[kv][g]
+                if r + 1 >= len(ladders[kv]):
+                    continue
+                bits = sizes[g] * math.log2((ladders[kv][r + 1] - 1) / (ladders[kv][r] - 1))
+                gain = (kl(kv, g, r) - kl(kv, g, r + 1)) / bits
+                if best is None or gain > best_gain:
+                    best, best_gain = (kv, g), gain
+        if best is None:
+            break
+        kv, g = best
+        total -= kl(kv, g, rung[kv][g]) - kl(kv, g, rung[kv][g] + 1)
+        rung[kv][g] += 1
+    return {kv: [ladders[kv][r] for r in rung[kv]] for kv in "kv"}
+
+
+def default_dir() -> Path:
+    return Path(platformdirs.user_data_dir("kvstore")) / "calibration"
+
+
+def save_table(table: CalibrationTable, path: Path | None = None) -> Path:
+    """Write the table as JSON (atomically); returns its path."""
+    path = path or default_dir() / f"{table.model}-{table.table_id:016x}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**table.body(), "table_id": f"{table.table_id:016x}"}, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_table(ref: str | Path) -> CalibrationTable:
+    """Load a table from a path, or by its 16-hex-digit id from the default directory."""
+    path = Path(ref)
+    if not path.exists():
+        matches = sorted(default_dir().glob(f"*-{str(ref).lower()}.json"))
+        if not matches:
+            raise NotFound(f"no calibration table {ref!r} (looked in {default_dir()})")
+        path = matches[0]
+    try:
+        doc = json.loads(path.read_text())
+        lay = doc["layout"]
+        table = CalibrationTable(doc["model"], lay["num_layers"], lay["num_kv_heads"],
+                                 lay["head_dim"], doc["group_layers"], doc["sensitivity"],
+                                 doc["levels"], int(doc["table_id"], 16))
+    except (ValueError, KeyError, TypeError) as e:
+        raise Corrupt(f"calibration table {path} is malformed: {e}") from e
+    if doc.get("format") != TABLE_FORMAT or _id_of(table.body()) != table.table_id:
+        raise Corrupt(f"calibration table {path}: wrong format or id does not match contents")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``kvstore calibrate``: measure the model's KV sensitivity and store a table."""
+    p = argparse.ArgumentParser(prog="kvstore calibrate", description=main.__doc__)
+    p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
+    p.add_argument("--prefix-tokens", type=int, default=1024, help="cached context length")
+    p.add_argument("--eval-tokens", type=int, default=256, help="tokens scored after it")
+    p.add_argument("--offset", type=int, default=60_000, help="sample text offset (chars)")
+    p.add_argument("--group-layers", type=int, default=5, help="layers sharing bins")
+    p.add_argument("--out", type=Path, default=None, help="table path (default: data dir)")
+    args = p.parse_args(argv)
+    from kvstore.codec.calibrate_model import measure_sensitivity
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    layout, sens = measure_sensitivity(args.prefix_tokens, args.eval_tokens, args.offset,
+                                       args.group_layers)
+    table = make_table(args.model, layout, args.group_layers, sens)
+    path = save_table(table, args.out)
+    print(f"calibration table {table.table_id:016x} written to {path}")  # CLI output
+    for name, bins in table.levels.items():
+        print(f"  {name:14s} keys {bins['k']}  values {bins['v']}")
+    return 0
