@@ -1,0 +1,203 @@
+"""RAG chunk-cache reuse on SmolLM2-135M (CPU): TTFT, top-1 agreement and KL vs a full prefill.
+
+Each prompt is ``prefix + 4 retrieved chunks (256 tokens each, pydoc_data.topics
+passages) + question``. The reference is a full prefill of the prompt and 32
+greedy answer tokens from it. Every method first stores the chunks (untimed),
+then builds the cache from the store (timed: that is its TTFT) and is
+teacher-forced through the reference answer; at each of the 32 positions its
+top-1 next token is compared with the reference and KL(reference || method) is
+taken. Methods: ``kvstore.rag.build_cache`` at three recompute ratios and the
+naive baseline (chunk caches concatenated, no rotation, no recompute). The full
+prefill is timed next to each method on the same prompt, so speedups are
+per-prompt ratios (median reported). One JSON line per method.
+
+    python bench/bench_rag.py                          # 8 prompts, ratios 0.05,0.15,0.30
+    python bench/bench_rag.py --prompts 1 --chunk-tokens 64 --answer-tokens 4   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import daemon, emit  # noqa: E402
+
+from kvstore import Client  # noqa: E402
+from kvstore.integrations.smollm2 import load_smollm2  # noqa: E402
+from kvstore.integrations.transformers import layout_for  # noqa: E402
+from kvstore.rag import build_cache, build_cache_naive  # noqa: E402
+
+PREFIX = "You are a helpful assistant. Answer the question using the documentation below.\n\n"
+QUESTION = "\n\nQuestion: According to the documentation above, what is '{topic}' about?\nAnswer:"
+
+
+def make_prompts(
+    tokenizer: Any, num_prompts: int, num_chunks: int, chunk_tokens: int
+) -> list[dict]:
+    """Prompts of distinct pydoc topics; each topic's first ``chunk_tokens`` tokens is one chunk."""
+    from pydoc_data.topics import topics
+
+    passages = []
+    for name in sorted(topics):
+        ids = tokenizer(topics[name])["input_ids"]
+        if len(ids) >= chunk_tokens:
+            passages.append((name, ids[:chunk_tokens]))
+    step = max(1, len(passages) // (num_prompts * num_chunks))
+    prefix = tokenizer(PREFIX)["input_ids"]
+    prompts = []
+    for p in range(num_prompts):
+        picked = [passages[(p * num_chunks + c) * step % len(passages)] for c in range(num_chunks)]
+        topic = picked[p % num_chunks][0]
+        query = tokenizer(QUESTION.format(topic=topic))["input_ids"]
+        prompts.append({"prefix": prefix, "chunks": [ids for _, ids in picked], "query": query})
+    return prompts
+
+
+def _timed(fn) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@torch.inference_mode()
+def reference(model: Any, prompt: dict, answer_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy answer of the full prefill and its next-token logits ``[answer, vocab]``."""
+    ids = prompt["prefix"] + sum(prompt["chunks"], []) + prompt["query"]
+    out = model.generate(
+        torch.tensor([ids]),
+        max_new_tokens=answer_tokens,
+        min_new_tokens=answer_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    answer = out.sequences[0, len(ids) :].tolist()
+    return answer, torch.stack(out.logits, dim=1)[0].float()
+
+
+@torch.inference_mode()
+def _continue(model: Any, cache: Any, logits: torch.Tensor, answer: list[int]) -> torch.Tensor:
+    if len(answer) == 1:
+        return logits[None]
+    out = model(input_ids=torch.tensor([answer[:-1]]), cache=cache, use_cache=True)
+    return torch.cat((logits[None], out.logits[0].float()))
+
+
+@torch.inference_mode()
+def _full_prefill(model: Any, prompt: dict) -> None:
+    ids = prompt["prefix"] + sum(prompt["chunks"], []) + prompt["query"]
+    model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+
+
+def run_method(model: Any, client: Client, prompt: dict, ratio: float | None) -> tuple:
+    """(cache, logits, ttft_s, stats) of one method; ``ratio=None`` is the naive baseline."""
+    args = (model, client, prompt["chunks"], prompt["query"])
+    if ratio is None:
+        build_cache_naive(*args, prefix=prompt["prefix"])  # stores the chunks, untimed
+        (cache, logits), ttft = _timed(lambda: build_cache_naive(*args, prefix=prompt["prefix"]))
+        return cache, logits, ttft, None
+    build_cache(*args, prefix=prompt["prefix"], recompute_ratio=ratio)
+    (cache, logits, stats), ttft = _timed(
+        lambda: build_cache(*args, prefix=prompt["prefix"], recompute_ratio=ratio)
+    )
+    return cache, logits, ttft, stats
+
+
+def summarize(name: str, results: list[dict], extra: dict) -> None:
+    agree = [a for r in results for a in r["agree"]]
+    emit(
+        "rag",
+        name,
+        ttft_s=statistics.median(r["ttft_s"] for r in results),
+        full_prefill_s=statistics.median(r["full_s"] for r in results),
+        speedup=statistics.median(r["full_s"] / r["ttft_s"] for r in results),
+        top1_agreement=sum(agree) / len(agree),
+        num_positions=len(agree),
+        mean_kl=statistics.fmean(r["kl"] for r in results),
+        torch_threads=torch.get_num_threads(),
+        **extra,
+    )
+
+
+def evaluate(model: Any, client: Client, prompt: dict, methods: list, args: Any) -> dict:
+    """Per method: TTFT, the full prefill timed next to it, KL and top-1 agreement on one prompt."""
+    answer, ref = reference(model, prompt, args.answer_tokens)
+    rows = {}
+    for method in methods:
+        _, full_s = _timed(lambda: _full_prefill(model, prompt))
+        cache, logits, ttft, stats = run_method(model, client, prompt, method)
+        got = _continue(model, cache, logits, answer)
+        kl = F.kl_div(
+            F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True,
+            reduction="batchmean",
+        ).item()
+        agree = (got.argmax(-1) == ref.argmax(-1)).tolist()
+        rows[method] = {"ttft_s": ttft, "full_s": full_s, "kl": kl, "stats": stats, "agree": agree}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--ratios", default="0.05,0.15,0.30")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2()
+    prompts = make_prompts(tokenizer, args.prompts, args.chunks, args.chunk_tokens)
+    methods: list[float | None] = [float(r) for r in args.ratios.split(",")] + [None]
+    results: dict[float | None, list[dict]] = {m: [] for m in methods}
+    with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp) / "data") as address:
+        with Client(
+            address, "bench-rag", layout_for(model, args.dtype, 256), timeout_s=120
+        ) as client:
+            for prompt in prompts:
+                for method, row in evaluate(model, client, prompt, methods, args).items():
+                    results[method].append(row)
+    shape = {
+        "prompts": args.prompts,
+        "chunks": args.chunks,
+        "chunk_tokens": args.chunk_tokens,
+        "answer_tokens": args.answer_tokens,
+        "dtype": args.dtype,
+        "prompt_tokens": len(prompts[0]["prefix"])
+        + args.chunks * args.chunk_tokens
+        + len(prompts[0]["query"]),
+    }
+    for method in methods:
+        rs = results[method]
+        if method is None:
+            summarize("naive-concat", rs, {"recompute_ratio": None, **shape})
+            continue
+        last = rs[-1]["stats"]
+        summarize(
+            f"blend-{method:g}",
+            rs,
+            {
+                "recompute_ratio": method,
+                "num_reused": last.num_reused,
+                "num_recomputed": last.num_recomputed,
+                "num_prefilled": last.num_prefilled,
+                **shape,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

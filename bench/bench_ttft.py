@@ -1,0 +1,143 @@
+"""Time to first token with a cached prefix vs a full prefill, SmolLM2-135M on the CPU.
+
+For each context length the prompt's full chunks are stored once through a
+`kvstore serve` subprocess (raw codec), then, alternating so both see the same
+machine load: a full prefill of the prompt (the baseline) and
+``kvstore.integrations.transformers.prefill`` loading the stored prefix (all but
+the last token) and running the last token. TTFT is the median over
+``--repeat`` runs. One JSON line per length, and a PNG plot of TTFT vs length.
+
+    python bench/bench_ttft.py                              # 512..4096, float16 store
+    python bench/bench_ttft.py --dtype float32              # exact (float32) store
+    python bench/bench_ttft.py --sizes 256 --repeat 1 --no-plot   # smoke size
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import daemon, emit  # noqa: E402
+
+from kvstore import Client  # noqa: E402
+from kvstore.integrations.smollm2 import load_smollm2, sample_tokens  # noqa: E402
+from kvstore.integrations.transformers import layout_for, prefill  # noqa: E402
+
+DEFAULT_PLOT = Path(__file__).resolve().parent / "ttft.png"
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def _full_prefill(model, ids: list[int]) -> None:
+    model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+
+
+def measure(model, client: Client, ids: list[int], repeat: int) -> dict[str, float]:
+    """Median TTFT of a full prefill and of a cached-prefix prefill of ``ids``."""
+    cold_s = _timed(lambda: prefill(model, ids, client))  # computes and stores the chunks
+    prefill(model, ids, client)  # warm-up of the load path
+    full, cached, load = [], [], []
+    for _ in range(repeat):
+        full.append(_timed(lambda: _full_prefill(model, ids)))
+        cached.append(_timed(lambda: prefill(model, ids, client)))
+        load.append(_timed(lambda: client.get(ids)))
+    _, _, num_reused = prefill(model, ids, client)
+    return {
+        "full_prefill_s": statistics.median(full),
+        "cached_ttft_s": statistics.median(cached),
+        "get_s": statistics.median(load),
+        "cold_prefill_and_put_s": cold_s,
+        "num_reused": num_reused,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["context_tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(sizes, [r["full_prefill_s"] for r in rows], "o-", label="full prefill")
+    ax.plot(
+        sizes, [r["cached_ttft_s"] for r in rows], "s-", label=f"cached prefix ({rows[0]['dtype']})"
+    )
+    for r in rows:
+        ax.annotate(
+            f"{r['speedup']:.0f}x",
+            (r["context_tokens"], r["cached_ttft_s"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=8,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title("SmolLM2-135M on CPU: TTFT, kvstore prefix reuse vs prefill")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="512,1024,2048,4096", help="context lengths (tokens)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="stored KV dtype (client layout)",
+    )
+    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG path")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    model, tokenizer = load_smollm2()
+    ids_all = sample_tokens(tokenizer, max(sizes), offset=0)
+    layout = layout_for(model, args.dtype, args.chunk_tokens)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with daemon(Path(tmp) / "data") as address:
+            with Client(address, "bench-ttft", layout, timeout_s=120) as client:
+                for size in sizes:
+                    row = {
+                        "context_tokens": size,
+                        "dtype": args.dtype,
+                        "codec": "raw",
+                        "chunk_tokens": args.chunk_tokens,
+                        **measure(model, client, ids_all[:size], args.repeat),
+                    }
+                    row["speedup"] = row["full_prefill_s"] / row["cached_ttft_s"]
+                    rows.append(row)
+                    emit("ttft", f"smollm2-{size}", torch_threads=torch.get_num_threads(), **row)
+    if not args.no_plot:
+        plot(rows, args.plot)
+        print(f"# plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
