@@ -11,6 +11,11 @@ Every object copied out is verified against its KVC1 checksum *as copied*: the
 hash runs over the bytes written into the output (in the object's own order),
 so neither a daemon bug nor a lease that failed to protect the bytes can hand
 back anything but the stored chunk.
+
+Chunks stored compressed (kvq) are decoded here, by the client, on the CPU: the
+lease hands out stored objects, and decoding in the daemon would need scratch
+DRAM per read. The object is copied out of the arena first, then verified and
+decoded from the copy, with the decoder the daemon's Get uses (same bits).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import xxhash
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.arena_file import ArenaReader, Extent, host_boot_id
+from kvstore.client._codec import decode_kvq_into
 from kvstore.client._tensors import NUMPY_STORAGE
 from kvstore.codec.format import HEADER_BYTES, CodecId, read_header
 from kvstore.errors import Corrupt, InvalidArgument, NotFound
@@ -38,7 +44,7 @@ _CHECKED_PREFIX = 40  # header bytes the KVC1 checksum covers (see codec/format.
 
 
 class NotRaw(Exception):
-    """A leased object is not raw-coded: the daemon must decode it (use Get)."""
+    """A leased object's codec has no decoder here: the daemon must decode it (use Get)."""
 
 
 def is_loopback_address(address: str) -> bool:
@@ -126,12 +132,16 @@ def copy_chunks(reader: ArenaReader, extents: Sequence[Extent], layout: KVLayout
 
     Raises:
         Corrupt: an object's header or checksum is wrong.
-        NotRaw: an object is stored compressed.
+        NotRaw: an object is stored with a codec other than raw or kvq.
     """
     positions = {layer: i for i, layer in enumerate(layers)}
     for index, extent in enumerate(extents):
         view = reader.view(extent)
         span = slice(index * tokens_per_chunk, (index + 1) * tokens_per_chunk)
+        if read_header(view).codec_id == CodecId.KVQ:
+            decode_kvq_into(bytes(view), index, layout, tokens_per_chunk, positions,
+                            out[:, :, :, span, :])
+            continue
         _copy_object(view, index, layout, tokens_per_chunk, positions, out[:, :, :, span, :])
 
 

@@ -1,7 +1,8 @@
 """Requests and response assembly shared by Client and AsyncClient; no transport here.
 
 Wire details the client relies on (see the proto for the fields):
-- Put sends a header, then each chunk's KVC1 object in parts of at most
+- Put sends a header, then each chunk's KVC1 object (raw, or kvq at the client's
+  codec level) in parts of at most
   ``min(1 MiB, max_message_bytes - 64 KiB)``: no message exceeds the limit, and
   mid-sized messages stream fastest through gRPC Python.
 - Get returns, per chunk, an encoded KVC1 object (``encoded``) or one message per
@@ -21,9 +22,10 @@ import numpy as np
 import xxhash
 
 from kvstore._proto import kvstore_pb2 as pb
+from kvstore.client._codec import encode_chunk
 from kvstore.client._tensors import NUMPY_STORAGE, to_storage
 from kvstore.codec.format import FLAG_POSITION_FREE
-from kvstore.codec.raw import decode_raw, encode_raw
+from kvstore.codec.raw import decode_raw
 from kvstore.errors import Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import tokens_to_array
 from kvstore.layout import KVLayout
@@ -89,8 +91,11 @@ def plan_put(layout: KVLayout, tokens: Any, kv: Any, *, position_free: bool) -> 
 
 
 def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first_chunk: int,
-                 part_bytes: int) -> Iterator[pb.PutRequest]:
-    """The messages of one Put stream; objects are encoded lazily, one chunk at a time."""
+                 part_bytes: int, codec: str = "raw") -> Iterator[pb.PutRequest]:
+    """The messages of one Put stream; objects are encoded lazily, one chunk at a time.
+
+    ``codec`` is a level name (``kvstore.codec.LEVELS``); "raw" is bit-exact.
+    """
     stored_tokens = plan.tokens[: plan.num_chunks * plan.tokens_per_chunk]
     yield pb.PutRequest(header=pb.PutHeader(
         namespace=namespace, tokens_le_i32=stored_tokens.tobytes(), first_chunk=first_chunk,
@@ -99,7 +104,7 @@ def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first
     step = plan.tokens_per_chunk
     for index in range(first_chunk, plan.num_chunks):
         piece = plan.kv[:, :, :, index * step : (index + 1) * step, :]
-        obj = encode_raw(piece, layout, flags=flags)
+        obj = encode_chunk(piece, layout, codec, flags)
         view = memoryview(obj)
         part_size = min(part_bytes, STREAM_PART_BYTES)
         for start in range(0, len(obj), part_size):
@@ -110,10 +115,11 @@ def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first
 
 
 def get_request(namespace: pb.Namespace, tokens: np.ndarray, *, layers: Sequence[int] | None,
-                layer_major: bool, position_free: bool) -> pb.GetRequest:
+                layer_major: bool, position_free: bool, encoded: bool = False) -> pb.GetRequest:
     order = pb.ORDER_LAYER_MAJOR if layer_major else pb.ORDER_CHUNK_MAJOR
     return pb.GetRequest(namespace=namespace, tokens_le_i32=tokens.tobytes(), order=order,
-                         layers=list(layers or ()), position_free=position_free)
+                         layers=list(layers or ()), position_free=position_free,
+                         encoded=encoded)
 
 
 def check_layers(layers: Sequence[int] | None, layout: KVLayout) -> list[int] | None:
@@ -222,6 +228,11 @@ class GetAssembler:
         if complete == 0:
             return None
         return np.ascontiguousarray(self.out[:, :, :, : complete * self.tokens_per_chunk, :])
+
+
+def tensor_result(out: Any, layout: KVLayout, as_numpy: bool) -> Any:
+    """A decoded torch tensor as ``get`` returns it: itself, or numpy storage on the CPU."""
+    return to_storage(out, layout) if as_numpy else out
 
 
 def stats_to_dict(resp: pb.StatsResponse) -> dict[str, Any]:

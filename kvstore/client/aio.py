@@ -16,6 +16,7 @@ import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._status import error_from_rpc, is_failover
@@ -76,13 +77,14 @@ class AsyncClient:
     def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
                  token: str | None = None, tls_ca_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
-                 tp_rank: int = 0, transport: str = "auto") -> None:
+                 tp_rank: int = 0, transport: str = "auto", codec: str = "raw") -> None:
         if not isinstance(layout, KVLayout):
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
         self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self._local = local.LocalPath(transport)
+        self._codec = codecs.check_codec(codec)
         self._conns = AsyncConnections(addresses, token=token, tls_ca_file=tls_ca_file,
                                        timeout_s=timeout_s, max_message_bytes=max_message_bytes)
 
@@ -100,7 +102,7 @@ class AsyncClient:
             first //= plan.tokens_per_chunk
             if first < plan.num_chunks:
                 messages = proto.put_requests(self._ns, self.layout, plan, first,
-                                              self._part_bytes)
+                                              self._part_bytes, self._codec)
                 await stub.Put(messages, timeout=timeout, metadata=md)
             return plan.num_chunks * plan.tokens_per_chunk
 
@@ -111,9 +113,10 @@ class AsyncClient:
         return await self._lookup(tokens, position_free=False)
 
     async def get(self, tokens: Any, *, layers: Sequence[int] | None = None,
-                  as_numpy: bool = False) -> Any:
+                  as_numpy: bool = False, decode: str = "server", device: Any = None) -> Any:
         """The leading stored chunks of ``tokens`` (see ``Client.get``), or None."""
-        return await self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False)
+        return await self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
+                               decode=decode, device=device)
 
     async def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                          as_numpy: bool = False) -> AsyncIterator[tuple[int, Any]]:
@@ -181,14 +184,17 @@ class AsyncClient:
         plan = proto.plan_put(self.layout, tokens, kv, position_free=True)
 
         async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bool:
-            messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes)
+            messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes,
+                                          self._codec)
             resp = await stub.Put(messages, timeout=timeout, metadata=md)
             return resp.num_chunks_stored == 1
 
         return await self._conns.acall("Put", attempt)
 
-    async def get_chunk(self, tokens: Any, *, as_numpy: bool = False) -> Any:
-        return await self._get(tokens, layers=None, as_numpy=as_numpy, position_free=True)
+    async def get_chunk(self, tokens: Any, *, as_numpy: bool = False, decode: str = "server",
+                        device: Any = None) -> Any:
+        return await self._get(tokens, layers=None, as_numpy=as_numpy, position_free=True,
+                               decode=decode, device=device)
 
     async def lookup_chunk(self, tokens: Any) -> bool:
         return await self._lookup(tokens, position_free=True) > 0
@@ -225,9 +231,12 @@ class AsyncClient:
                                   layers or list(range(self.layout.num_layers)), layer_major)
 
     async def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
-                   position_free: bool) -> Any:
+                   position_free: bool, decode: str = "server", device: Any = None) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        if codecs.check_decode(decode) == "client":
+            out = await self._get_encoded(arr, chosen, position_free, device)
+            return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
         got = await self._get_local(arr, chosen, position_free)
         if got is not local.STREAM:
             return None if got is None else from_storage(got, self.layout.dtype,
@@ -243,6 +252,25 @@ class AsyncClient:
 
         out = await self._conns.acall("Get", attempt)
         return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+
+    async def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                           device: Any) -> Any:
+        """Stream the objects as stored and decode them on a worker thread."""
+        request = proto.get_request(self._ns, arr, layers=None, layer_major=False,
+                                    position_free=position_free, encoded=True)
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
+            got = codecs.EncodedObjects()
+            async for msg in stub.Get(request, timeout=timeout, metadata=md):
+                got.add(msg)
+            return got.objects
+
+        objects = await self._conns.acall("Get", attempt)
+        if not objects:
+            return None
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        return await asyncio.to_thread(codecs.decode_objects, objects, self.layout, per_chunk,
+                                       chosen, device)
 
     async def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool) -> Any:
         """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""

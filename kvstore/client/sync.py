@@ -20,6 +20,7 @@ import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections, Metadata
@@ -94,6 +95,10 @@ class Client:
             when it is on this host (loopback address, matching nonce) and streams
             otherwise; "arena" insists on the arena (errors say why it cannot be
             used); "stream" always streams over gRPC. ``get_layers`` always streams.
+        codec: how ``put``/``put_chunk`` store chunks, a name from ``kvstore.codec.LEVELS``.
+            "raw" (the default) round-trips bit-exact; a kvq level ("balanced", ...)
+            is lossy and several times smaller: ``get`` then returns exactly
+            ``kvstore.codec.decode(kvstore.codec.encode(kv, layout, codec))``.
 
     Tensors are ``[layers, 2, kv_heads, tokens, head_dim]`` torch tensors or numpy
     arrays in ``layout.dtype``. numpy has no bfloat16: pass and receive bfloat16 as
@@ -103,13 +108,14 @@ class Client:
     def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
                  token: str | None = None, tls_ca_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
-                 tp_rank: int = 0, transport: str = "auto") -> None:
+                 tp_rank: int = 0, transport: str = "auto", codec: str = "raw") -> None:
         if not isinstance(layout, KVLayout):
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
         self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self._local = local.LocalPath(transport)
+        self._codec = codecs.check_codec(codec)
         self._conns = Connections(addresses, token=token, tls_ca_file=tls_ca_file,
                                   timeout_s=timeout_s, max_message_bytes=max_message_bytes)
 
@@ -138,7 +144,8 @@ class Client:
             first = stub.Lookup(request, timeout=timeout, metadata=md).num_tokens
             first //= plan.tokens_per_chunk
         if first < plan.num_chunks:
-            messages = proto.put_requests(self._ns, self.layout, plan, first, self._part_bytes)
+            messages = proto.put_requests(self._ns, self.layout, plan, first, self._part_bytes,
+                                        self._codec)
             stub.Put(messages, timeout=timeout, metadata=md)
         return plan.num_chunks * plan.tokens_per_chunk
 
@@ -146,14 +153,17 @@ class Client:
         """Leading tokens stored (a multiple of chunk_tokens); 0 on a miss."""
         return self._lookup(tokens, position_free=False)
 
-    def get(self, tokens: Any, *, layers: Sequence[int] | None = None,
-            as_numpy: bool = False) -> Any:
+    def get(self, tokens: Any, *, layers: Sequence[int] | None = None, as_numpy: bool = False,
+            decode: str = "server", device: Any = None) -> Any:
         """The leading stored chunks of ``tokens``: ``[layers, 2, heads, n, dim]`` or None.
 
         ``n`` is a multiple of chunk_tokens and may be less than asked. ``layers``
         selects (ascending) layers. Every object is verified; bad bytes raise Corrupt.
+        ``decode="client"`` streams the objects as stored (compressed) and decodes
+        them here, on ``device`` ("cuda": the codec's Triton kernel; None: the CPU).
         """
-        return self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False)
+        return self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
+                         decode=decode, device=device)
 
     def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                    as_numpy: bool = False) -> Iterator[tuple[int, Any]]:
@@ -214,14 +224,17 @@ class Client:
         plan = proto.plan_put(self.layout, tokens, kv, position_free=True)
 
         def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bool:
-            messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes)
+            messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes,
+                                          self._codec)
             return stub.Put(messages, timeout=timeout, metadata=md).num_chunks_stored == 1
 
         return self._conns.call("Put", attempt)
 
-    def get_chunk(self, tokens: Any, *, as_numpy: bool = False) -> Any:
+    def get_chunk(self, tokens: Any, *, as_numpy: bool = False, decode: str = "server",
+                  device: Any = None) -> Any:
         """A position-free chunk's KV, ``[layers, 2, heads, len(tokens), dim]``, or None."""
-        return self._get(tokens, layers=None, as_numpy=as_numpy, position_free=True)
+        return self._get(tokens, layers=None, as_numpy=as_numpy, position_free=True,
+                         decode=decode, device=device)
 
     def lookup_chunk(self, tokens: Any) -> bool:
         return self._lookup(tokens, position_free=True) > 0
@@ -252,9 +265,12 @@ class Client:
                                   layers or list(range(self.layout.num_layers)), layer_major)
 
     def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
-             position_free: bool) -> Any:
+             position_free: bool, decode: str = "server", device: Any = None) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        if codecs.check_decode(decode) == "client":
+            out = self._get_encoded(arr, chosen, position_free, device)
+            return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
         out = self._get_local(arr, chosen, position_free)
         if out is not local.STREAM:
             return None if out is None else from_storage(out, self.layout.dtype,
@@ -270,6 +286,23 @@ class Client:
 
         out = self._conns.call("Get", attempt)
         return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+
+    def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                     device: Any) -> Any:
+        """Stream the objects as stored and decode them here (always streamed)."""
+        request = proto.get_request(self._ns, arr, layers=None, layer_major=False,
+                                    position_free=position_free, encoded=True)
+
+        def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> list[bytes]:
+            got = codecs.EncodedObjects()
+            for msg in stub.Get(request, timeout=timeout, metadata=md):
+                got.add(msg)
+            return got.objects
+
+        objects = self._conns.call("Get", attempt)
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        return codecs.decode_objects(objects, self.layout, per_chunk, chosen, device) \
+            if objects else None
 
     # ------------------------------------------------------------ same-host arena
 
