@@ -1,13 +1,13 @@
 """Time to first token with a cached prefix vs a full prefill, SmolLM2-135M on the CPU.
 
-For each context length the prompt's full chunks are stored once through a
-`kvstore serve` subprocess (raw codec), then, alternating so both see the same
-machine load: a full prefill of the prompt (the baseline) and
+For each codec in ``--codecs`` and each context length, the prompt's full chunks
+are stored once through a `kvstore serve` subprocess, then, alternating so both
+see the same machine load: a full prefill of the prompt (the baseline) and
 ``kvstore.integrations.transformers.prefill`` loading the stored prefix (all but
 the last token) and running the last token. TTFT is the median over
 ``--repeat`` runs. One JSON line per length, and a PNG plot of TTFT vs length.
 
-    python bench/bench_ttft.py                              # 512..4096, float16 store
+    python bench/bench_ttft.py                              # 512..4096, raw + balanced
     python bench/bench_ttft.py --dtype float32              # exact (float32) store
     python bench/bench_ttft.py --sizes 256 --repeat 1 --no-plot   # smoke size
 """
@@ -69,21 +69,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [r["context_tokens"] for r in rows]
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    first = [r for r in rows if r["codec"] == codecs[0]]
+    sizes = [r["context_tokens"] for r in first]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(sizes, [r["full_prefill_s"] for r in rows], "o-", label="full prefill")
-    ax.plot(
-        sizes, [r["cached_ttft_s"] for r in rows], "s-", label=f"cached prefix ({rows[0]['dtype']})"
-    )
-    for r in rows:
-        ax.annotate(
-            f"{r['speedup']:.0f}x",
-            (r["context_tokens"], r["cached_ttft_s"]),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=8,
-        )
+    ax.plot(sizes, [r["full_prefill_s"] for r in first], "o-", label="full prefill")
+    for codec, marker in zip(codecs, "sdv^", strict=False):
+        mine = [r for r in rows if r["codec"] == codec]
+        ax.plot([r["context_tokens"] for r in mine], [r["cached_ttft_s"] for r in mine],
+                f"{marker}-", label=f"cached prefix ({mine[0]['dtype']}, {codec})")
+        for r in mine:
+            ax.annotate(f"{r['speedup']:.0f}x", (r["context_tokens"], r["cached_ttft_s"]),
+                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -107,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         help="stored KV dtype (client layout)",
     )
     parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--codecs", default="raw,balanced",
+                        help="comma-separated codec levels (kvstore.codec.LEVELS)")
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG path")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
@@ -119,20 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     ids_all = sample_tokens(tokenizer, max(sizes), offset=0)
     layout = layout_for(model, args.dtype, args.chunk_tokens)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        with daemon(Path(tmp) / "data") as address:
-            with Client(address, "bench-ttft", layout, timeout_s=120) as client:
+    with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp) / "data") as address:
+        for codec in args.codecs.split(","):
+            # Keys do not depend on the codec: one namespace per codec keeps them apart.
+            with Client(address, f"bench-ttft-{codec}", layout, timeout_s=120,
+                        codec=codec) as client:
                 for size in sizes:
                     row = {
                         "context_tokens": size,
                         "dtype": args.dtype,
-                        "codec": "raw",
+                        "codec": codec,
                         "chunk_tokens": args.chunk_tokens,
                         **measure(model, client, ids_all[:size], args.repeat),
                     }
                     row["speedup"] = row["full_prefill_s"] / row["cached_ttft_s"]
                     rows.append(row)
-                    emit("ttft", f"smollm2-{size}", torch_threads=torch.get_num_threads(), **row)
+                    emit("ttft", f"smollm2-{size}-{codec}",
+                         torch_threads=torch.get_num_threads(), **row)
     if not args.no_plot:
         plot(rows, args.plot)
         print(f"# plot: {args.plot}", file=sys.stderr)

@@ -23,6 +23,7 @@ processes of the daemon's user can open it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -31,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.errors import Corrupt, InvalidArgument, NotFound
+from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,19 @@ def _map_new(directory: str, file_bytes: int) -> tuple[str, mmap.mmap]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, file_bytes)
+        # Reserve the pages now: a sparse tmpfs file that later finds /dev/shm full
+        # would kill the daemon with SIGBUS on a write; this fails at start instead.
+        try:
+            os.posix_fallocate(fd, 0, file_bytes)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise CapacityExhausted(
+                    f"cannot reserve {file_bytes} bytes for the DRAM arena in {directory}: "
+                    f"{exc.strerror}; lower tiers.cpu.capacity_bytes or point "
+                    "tiers.cpu.shm_dir at a larger tmpfs"
+                ) from exc
         return path, mmap.mmap(fd, file_bytes)
-    except OSError:
+    except (OSError, CapacityExhausted):
         os.unlink(path)
         raise
     finally:

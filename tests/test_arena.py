@@ -168,3 +168,22 @@ def test_reader_rejects_extent_outside_arena() -> None:
 def test_reader_of_missing_arena_is_not_found() -> None:
     with pytest.raises(NotFound):
         ArenaReader("/dev/shm/kvstore-arena-does-not-exist")
+
+
+
+def test_arena_larger_than_its_tmpfs_fails_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DRAM tier that cannot get its pages is refused up front, not a SIGBUS later."""
+    import errno
+    import os
+
+    from kvstore import arena_file
+    from kvstore.errors import CapacityExhausted
+
+    def full(fd: int, offset: int, length: int) -> None:  # /dev/shm is full (fake of the OS)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    before = set(os.listdir("/dev/shm"))
+    monkeypatch.setattr(arena_file.os, "posix_fallocate", full)
+    with pytest.raises(CapacityExhausted, match="cannot reserve"):
+        Arena(64 * ALIGN)
+    assert set(os.listdir("/dev/shm")) <= before  # no file left behind

@@ -22,7 +22,8 @@ FAST = {
     "bench_codec.py": ["--smoke"],
 }
 WITH_MODEL = {
-    "bench_ttft.py": ["--sizes", "256", "--repeat", "1", "--chunk-tokens", "128", "--no-plot"],
+    "bench_ttft.py": ["--sizes", "256", "--repeat", "1", "--chunk-tokens", "128", "--no-plot",
+                      "--codecs", "raw,balanced"],
     "bench_rag.py": ["--prompts", "1", "--chunks", "2", "--chunk-tokens", "64",
                      "--answer-tokens", "4", "--ratios", "0.15"],
     "bench_sparse.py": ["--smoke"],
