@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--new-tokens", type=int, default=7)
     ap.add_argument("--cache-dir", default="/tmp/kvstore-bench-sparse")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one prompt")
+    ap.add_argument("--rank", type=int, default=None, help="low-rank factor rank (default 1/4)")
+    ap.add_argument("--exact-keys", action="store_true",
+                    help="fetch exact keys in every layer instead of rebuilding them")
     args = ap.parse_args(argv)
     if args.smoke:
         args.num_tokens, args.prompts, args.budgets, args.new_tokens = 600, "0:0.5", "128", 3
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_smollm2()
     rope, fp = rope_of(model), fingerprint_of(model)
     dense_cfg = SparseConfig(selector="dense")
+    exact_layers = tuple(range(model.config.num_hidden_layers)) if args.exact_keys else ()
     for spec in args.prompts.split(","):
         needle, depth = int(spec.split(":")[0]), float(spec.split(":")[1])
         ids = build_prompt(tokenizer, args.num_tokens, needle, depth)
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
              step_s=dense_s / args.new_tokens, full_kv_bytes=full_kv_bytes)
         for selector in args.selectors.split(","):
             for budget in map(int, args.budgets.split(",")):
-                cfg = SparseConfig(budget_tokens=budget, selector=selector)
+                cfg = SparseConfig(budget_tokens=budget, selector=selector, rank=args.rank,
+                                   exact_key_layers=exact_layers)
                 start = time.perf_counter()
                 res = run_sparse(model, cfg, k_pre, values, rope, fp, dense_tokens, dense_logits)
                 step_s = (time.perf_counter() - start) / args.new_tokens
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 # output, so the sparse answer matches exactly when the dense one does.
                 sparse_match = dense_match and res["all_top1"]
                 emit("sparse", f"{selector}@{budget}", **common, selector=selector,
+                     rank=cfg.rank, exact_keys=args.exact_keys,
                      budget_tokens=budget, **res, needle_match=sparse_match,
                      needle_match_dense=dense_match, full_kv_bytes=full_kv_bytes,
                      fetched_frac_first=res["fetched_bytes_first"] / full_kv_bytes,
