@@ -304,3 +304,29 @@ class ReleaseLeaseRequest(_message.Message):
 class ReleaseLeaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class FetchBlocksRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "layer", "kind", "block_tokens", "heads", "blocks")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    layer: int
+    kind: int
+    block_tokens: int
+    heads: _containers.RepeatedScalarFieldContainer[int]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., layer: _Optional[int] = ..., kind: _Optional[int] = ..., block_tokens: _Optional[int] = ..., heads: _Optional[_Iterable[int]] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FetchBlocksResponse(_message.Message):
+    __slots__ = ("data", "block_bytes")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    block_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., block_bytes: _Optional[int] = ...) -> None: ...

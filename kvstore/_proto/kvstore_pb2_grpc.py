@@ -79,6 +79,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.FetchBlocks = channel.unary_unary(
+                '/kvstore.v1.KVStore/FetchBlocks',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -148,6 +153,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchBlocks(self, request, context):
+        """Blocks of one (layer, K|V) at (head, block) pairs, sliced from stored chunks:
+        the sparse decoder's path when the arena cannot be mapped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +208,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'FetchBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchBlocks,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +458,33 @@ class KVStore:
             '/kvstore.v1.KVStore/ReleaseLease',
             kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/FetchBlocks',
+            kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -14,6 +14,8 @@ Wire details the client relies on (see the proto for the fields):
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +122,23 @@ def get_request(namespace: pb.Namespace, tokens: np.ndarray, *, layers: Sequence
     return pb.GetRequest(namespace=namespace, tokens_le_i32=tokens.tobytes(), order=order,
                          layers=list(layers or ()), position_free=position_free,
                          encoded=encoded)
+
+
+def fetch_blocks_request(namespace: pb.Namespace, tokens: Any, layer: int, kind: int,
+                         heads: Sequence[int], blocks: Sequence[int],
+                         block_tokens: int) -> pb.FetchBlocksRequest:
+    """A FetchBlocks request; the daemon checks ranges against the layout and tokens."""
+    arr = check_tokens(tokens, position_free=False)
+    fields = {"layer": [layer], "kind": [kind], "block_tokens": [block_tokens],
+              "heads": heads, "blocks": blocks}
+    for name, values in fields.items():
+        if any(int(v) < 0 for v in values):
+            raise InvalidArgument(f"{name} must be >= 0, got {list(values)[:8]}")
+    if block_tokens == 0:
+        raise InvalidArgument("block_tokens must be > 0, got 0")
+    return pb.FetchBlocksRequest(namespace=namespace, tokens_le_i32=arr.tobytes(), layer=layer,
+                                 kind=kind, block_tokens=block_tokens,
+                                 heads=[int(h) for h in heads], blocks=[int(b) for b in blocks])
 
 
 def check_layers(layers: Sequence[int] | None, layout: KVLayout) -> list[int] | None:
@@ -242,3 +261,31 @@ def stats_to_dict(resp: pb.StatsResponse) -> dict[str, Any]:
     tiers = [{**{f: getattr(t, f) for f in fields}, "info": dict(t.info)} for t in resp.tiers]
     return {"tiers": tiers, "uptime_ms": resp.uptime_ms, "version": resp.version,
             "requests": resp.requests, "failed_requests": resp.failed_requests}
+
+
+def drained(stream: Any) -> Iterator[Any]:
+    """The messages of a response stream, read by a background thread as they arrive.
+
+    While the caller works on layer l, later layers keep arriving: without the
+    thread, gRPC's flow-control window fills and the daemon stalls until the caller
+    asks for the next message, so nothing would overlap. Errors are re-raised here.
+    """
+    messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    end = object()
+
+    def read() -> None:
+        try:
+            for msg in stream:
+                messages.put(msg)
+        except BaseException as exc:  # handed to the consuming thread
+            messages.put(exc)
+        messages.put(end)
+
+    threading.Thread(target=read, name="kvstore-get-layers", daemon=True).start()
+    try:
+        while (item := messages.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stream.cancel()  # a no-op once the stream ended; stops the reader if we quit early

@@ -177,6 +177,17 @@ class AsyncClient:
 
         return await self._conns.acall("Stats", attempt)
 
+    async def fetch_blocks(self, tokens: Any, layer: int, kind: int, heads: Sequence[int],
+                           blocks: Sequence[int], *, block_tokens: int = 8) -> bytes:
+        """Blocks ``(heads[i], blocks[i])`` of ``(layer, kind)``; see ``Client.fetch_blocks``."""
+        request = proto.fetch_blocks_request(self._ns, tokens, layer, kind, heads, blocks,
+                                             block_tokens)
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bytes:
+            return (await stub.FetchBlocks(request, timeout=timeout, metadata=md)).data
+
+        return await self._conns.acall("FetchBlocks", attempt)
+
     # ------------------------------------------------------------ position-free chunks
 
     async def put_chunk(self, tokens: Any, kv: Any) -> bool:

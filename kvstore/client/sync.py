@@ -10,8 +10,6 @@ one overall deadline, ``timeout_s``, shared by its attempts.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
@@ -37,34 +35,6 @@ from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def drained(stream: Any) -> Iterator[Any]:
-    """The messages of a response stream, read by a background thread as they arrive.
-
-    While the caller works on layer l, later layers keep arriving: without the
-    thread, gRPC's flow-control window fills and the daemon stalls until the caller
-    asks for the next message, so nothing would overlap. Errors are re-raised here.
-    """
-    messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    end = object()
-
-    def read() -> None:
-        try:
-            for msg in stream:
-                messages.put(msg)
-        except BaseException as exc:  # handed to the consuming thread
-            messages.put(exc)
-        messages.put(end)
-
-    threading.Thread(target=read, name="kvstore-get-layers", daemon=True).start()
-    try:
-        while (item := messages.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stream.cancel()  # a no-op once the stream ended; stops the reader if we quit early
 
 
 def fetch_stats(addresses: str | Sequence[str], *, token: str | None = None,
@@ -180,7 +150,7 @@ class Client:
             try:
                 stream = stub.Get(request, timeout=self._conns.remaining(deadline, "Get"),
                                   metadata=self._conns.metadata)
-                for msg in drained(stream):
+                for msg in proto.drained(stream):
                     done = asm.add(msg)
                     if num_chunks is not None and yielded and asm.num_chunks != num_chunks:
                         raise Unavailable("stream broke and the next daemon holds a different "
@@ -216,6 +186,22 @@ class Client:
         """Tier occupancy and counters: {"tiers": [...], "uptime_ms", "version", ...}."""
         return self._conns.call("Stats", lambda stub, t, md: proto.stats_to_dict(
             stub.Stats(pb.StatsRequest(), timeout=t, metadata=md)))
+
+    def fetch_blocks(self, tokens: Any, layer: int, kind: int, heads: Sequence[int],
+                     blocks: Sequence[int], *, block_tokens: int = 8) -> bytes:
+        """Blocks ``(heads[i], blocks[i])`` of ``(layer, kind 0=K|1=V)``, concatenated.
+
+        Block b is tokens ``[b * block_tokens, (b + 1) * block_tokens)`` of ``tokens``;
+        each is ``block_tokens x head_dim`` elements in ``layout.dtype``.
+
+        Raises:
+            InvalidArgument: layer, kind, a head or a block out of range, or mismatched lengths.
+            NotFound: a chunk holding a requested block is not stored.
+        """
+        request = proto.fetch_blocks_request(self._ns, tokens, layer, kind, heads, blocks,
+                                             block_tokens)
+        return self._conns.call("FetchBlocks", lambda stub, t, md: stub.FetchBlocks(
+            request, timeout=t, metadata=md).data)
 
     # ------------------------------------------------------------ position-free chunks
 

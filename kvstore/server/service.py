@@ -31,6 +31,7 @@ from kvstore.errors import (
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.server import local, objects
 from kvstore.server.auth import Authenticator
+from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.metrics import ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.put import ChunkObject, PutAssembler
@@ -259,6 +260,23 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._same_host.check(context.peer(), tenant)
         self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
         return pb.ReleaseLeaseResponse()
+
+    # ------------------------------------------------------------ FetchBlocks
+
+    @_rpc
+    async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: Any,
+                          tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32),
+                          position_free=False)
+        batch = batch_from_proto(request, namespace.layout, len(keys))
+        if batch.num_bytes + _ENVELOPE_BYTES > self._max_message_bytes:
+            raise CapacityExhausted(
+                f"{len(batch.blocks)} blocks are {batch.num_bytes} bytes, over the "
+                f"{self._max_message_bytes}-byte message limit; ask for fewer per call")
+        data = await self._run(fetch_blocks, batch, keys, lambda key: self._load(key, False))
+        self._counters.add_bytes(sent=len(data))
+        return pb.FetchBlocksResponse(data=data, block_bytes=batch.block_bytes)
 
     # ------------------------------------------------------------ Get
 

@@ -11,7 +11,8 @@ A block is ``block_tokens`` consecutive tokens of one (layer, K|V, kv head):
   KVC1 chunk objects whose extents the daemon leased to us; blocks past the last
   full stored chunk come from a small client-side pool.
 - :class:`RemoteBlockSource`: for clients that cannot map the arena — one batched
-  ``FetchBlocks`` call per (layer, K|V) and step through a :class:`BlockFetcher`.
+  ``FetchBlocks`` call per (layer, K|V) and step through a :class:`BlockFetcher`
+  (:class:`ClientBlockFetcher` adapts a ``kvstore.client.Client``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -90,6 +91,22 @@ class BlockFetcher(Protocol):
                      blocks: Sequence[int]) -> bytes:
         """Blocks ``(heads[i], blocks[i])`` of ``(layer, kind)``, concatenated in request order."""
         ...
+
+
+class ClientBlockFetcher:
+    """A :class:`BlockFetcher` over ``Client.fetch_blocks`` for one stored sequence.
+
+    ``client`` is a ``kvstore.client.Client`` (duck-typed: anything with that
+    ``fetch_blocks``); ``tokens`` the sequence whose stored chunks hold the blocks.
+    """
+
+    def __init__(self, client: Any, tokens: Any, block_tokens: int = 8) -> None:
+        self.client, self.tokens, self.block_tokens = client, tokens, block_tokens
+
+    def fetch_blocks(self, layer: int, kind: int, heads: Sequence[int],
+                     blocks: Sequence[int]) -> bytes:
+        return self.client.fetch_blocks(self.tokens, layer, kind, heads, blocks,
+                                        block_tokens=self.block_tokens)
 
 
 def _count_bytes(slots: torch.Tensor, geometry: BlockGeometry) -> int:
