@@ -92,6 +92,14 @@ class Connections:
                                    "answered")
         return left
 
+    def record_failure(self, what: str, index: int, exc: grpc.RpcError,
+                       failures: list[str]) -> None:
+        """Raise the mapped error unless ``exc`` may succeed on the next address; else note it."""
+        if not is_failover(exc):
+            raise error_from_rpc(exc, self.addresses[index]) from None
+        failures.append(f"{self.addresses[index]}: {exc.code().name} {exc.details()}")
+        log.info("%s failed on %s, trying the next address", what, failures[-1])
+
     def all_failed(self, what: str, failures: list[str]) -> Unavailable:
         return Unavailable(f"{what}: no daemon answered; tried " + "; ".join(failures))
 
@@ -103,10 +111,7 @@ class Connections:
             try:
                 result = fn(self.stub(index), self.remaining(deadline, what), self.metadata)
             except grpc.RpcError as exc:
-                if not is_failover(exc):
-                    raise error_from_rpc(exc, self.addresses[index]) from None
-                failures.append(f"{self.addresses[index]}: {exc.code().name} {exc.details()}")
-                log.info("%s failed on %s, trying the next address", what, failures[-1])
+                self.record_failure(what, index, exc, failures)
                 continue
             self.succeeded(index)
             return result

@@ -186,6 +186,19 @@ class GetAssembler:
         self._layer_counts[position] = self._layer_counts.get(position, 0) + 1
         return position if self._layer_counts[position] == self.num_chunks else None
 
+    def add_streamed_layer(self, msg: pb.GetResponse, *, yielded: int,
+                           num_chunks: int | None) -> int | None:
+        """Place one layer-major message; the position of a layer to yield now, or None.
+
+        On failover the stream restarts on another daemon: ``yielded`` layers were
+        handed out already and ``num_chunks`` is what the broken stream announced.
+        """
+        done = self.add(msg)
+        if num_chunks is not None and yielded and self.num_chunks != num_chunks:
+            raise Unavailable("stream broke and the next daemon holds a different "
+                              "number of chunks; retry the call")
+        return done if done is not None and done >= yielded else None
+
     def _start(self, msg: pb.GetResponse) -> None:
         n = msg.num_chunks
         if n == 0:

@@ -19,10 +19,10 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
-from kvstore.client._status import error_from_rpc, is_failover
+from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
 from kvstore.client.sync import Connections, Metadata
-from kvstore.errors import InvalidArgument, KVStoreError, NotFound, PermissionDenied, Unavailable
+from kvstore.errors import InvalidArgument, KVStoreError, NotFound, PermissionDenied
 from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,7 @@ class AsyncConnections(Connections):
             try:
                 result = await fn(self.stub(index), self.remaining(deadline, what), self.metadata)
             except grpc.RpcError as exc:
-                if not is_failover(exc):
-                    raise error_from_rpc(exc, self.addresses[index]) from None
-                failures.append(f"{self.addresses[index]}: {exc.code().name} {exc.details()}")
-                log.info("%s failed on %s, trying the next address", what, failures[-1])
+                self.record_failure(what, index, exc, failures)
                 continue
             self.succeeded(index)
             return result
@@ -134,20 +131,15 @@ class AsyncClient:
                 stream = stub.Get(request, timeout=self._conns.remaining(deadline, "Get"),
                                   metadata=self._conns.metadata)
                 async for msg in stream:
-                    done = asm.add(msg)
-                    if num_chunks is not None and yielded and asm.num_chunks != num_chunks:
-                        raise Unavailable("stream broke and the next daemon holds a different "
-                                          "number of chunks; retry the call")
+                    done = asm.add_streamed_layer(msg, yielded=yielded, num_chunks=num_chunks)
                     num_chunks = asm.num_chunks
-                    if done is not None and done >= yielded:
+                    if done is not None:
                         yielded += 1
                         yield asm.layers[done], from_storage(asm.layer(done).copy(),
                                                              self.layout.dtype, as_numpy=as_numpy)
                 asm.result()
             except grpc.RpcError as exc:
-                if not is_failover(exc):
-                    raise error_from_rpc(exc, self._conns.addresses[index]) from None
-                failures.append(f"{self._conns.addresses[index]}: {exc.code().name}")
+                self._conns.record_failure("Get", index, exc, failures)
                 continue
             self._conns.succeeded(index)
             return

@@ -22,14 +22,13 @@ from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections, Metadata
-from kvstore.client._status import error_from_rpc, is_failover
+from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
 from kvstore.errors import (
     InvalidArgument,
     KVStoreError,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
 from kvstore.layout import KVLayout
 
@@ -151,20 +150,15 @@ class Client:
                 stream = stub.Get(request, timeout=self._conns.remaining(deadline, "Get"),
                                   metadata=self._conns.metadata)
                 for msg in proto.drained(stream):
-                    done = asm.add(msg)
-                    if num_chunks is not None and yielded and asm.num_chunks != num_chunks:
-                        raise Unavailable("stream broke and the next daemon holds a different "
-                                          "number of chunks; retry the call")
+                    done = asm.add_streamed_layer(msg, yielded=yielded, num_chunks=num_chunks)
                     num_chunks = asm.num_chunks
-                    if done is not None and done >= yielded:
+                    if done is not None:
                         yielded += 1
                         yield asm.layers[done], from_storage(asm.layer(done).copy(),
                                                              self.layout.dtype, as_numpy=as_numpy)
                 asm.result()
             except grpc.RpcError as exc:
-                if not is_failover(exc):
-                    raise error_from_rpc(exc, self._conns.addresses[index]) from None
-                failures.append(f"{self._conns.addresses[index]}: {exc.code().name}")
+                self._conns.record_failure("Get", index, exc, failures)
                 continue
             self._conns.succeeded(index)
             return
