@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_seconds, daemon, emit  # noqa: E402
+from _grpc_baseline import bare_stream_mb_s  # noqa: E402
 
 from kvstore import Client, KVLayout  # noqa: E402
 
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     copy_s = best_seconds(lambda: np.copyto(np.empty_like(kv), kv), args.repeat)
     emit("store", "memcpy", mb_per_s=mb / copy_s, **common)
+    # The transport's own ceiling: the same bytes through a bare grpc.aio stream, in
+    # messages the size of one (chunk, layer) as the daemon sends them.
+    layer_bytes = 2 * LAYOUT.section_bytes
+    emit("store", "bare_grpc_stream", mb_per_s=bare_stream_mb_s(nbytes, layer_bytes),
+         message_bytes=layer_bytes, **common)
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
