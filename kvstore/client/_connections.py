@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 
+from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client import _protocol as proto
 from kvstore.client._status import error_from_rpc, is_failover
@@ -75,7 +76,7 @@ class Connections:
             else:
                 channel = grpc.insecure_channel(address, options=self._options)
             self._channels[index] = channel
-        return pb_grpc.KVStoreStub(channel)
+        return frames.stub(channel)
 
     def order(self) -> list[int]:
         """Address indexes to try, the one that answered last first."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client._codec import encode_chunk
 from kvstore.client._tensors import NUMPY_STORAGE, to_storage
@@ -93,7 +94,7 @@ def plan_put(layout: KVLayout, tokens: Any, kv: Any, *, position_free: bool) -> 
 
 
 def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first_chunk: int,
-                 part_bytes: int, codec: str = "raw") -> Iterator[pb.PutRequest]:
+                 part_bytes: int, codec: str = "raw") -> Iterator[pb.PutRequest | bytes]:
     """The messages of one Put stream; objects are encoded lazily, one chunk at a time.
 
     ``codec`` is a level name (``kvstore.codec.LEVELS``); "raw" is bit-exact.
@@ -111,9 +112,9 @@ def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first
         part_size = min(part_bytes, STREAM_PART_BYTES)
         for start in range(0, len(obj), part_size):
             end = min(start + part_size, len(obj))
-            part = obj if (start, end) == (0, len(obj)) else view[start:end].tobytes()
-            yield pb.PutRequest(chunk=pb.PutChunk(chunk_index=index, object_part=part,
-                                                  last_part=end == len(obj)))
+            part = obj if (start, end) == (0, len(obj)) else view[start:end]
+            yield frames.put_chunk_request(chunk_index=index, object_part=part,
+                                           last_part=end == len(obj))
 
 
 def get_request(namespace: pb.Namespace, tokens: np.ndarray, *, layers: Sequence[int] | None,
@@ -231,14 +232,15 @@ class GetAssembler:
         lay = self.layout
         shape = (2, lay.num_kv_heads, self.tokens_per_chunk, lay.head_dim)
         want_bytes = int(np.prod(shape)) * lay.itemsize
-        if len(msg.data) != want_bytes:
-            raise Corrupt(f"chunk {msg.chunk_index} layer {msg.layer}: {len(msg.data)} bytes, "
+        data = msg.data  # upb copies a bytes field on every access: read it once
+        if len(data) != want_bytes:
+            raise Corrupt(f"chunk {msg.chunk_index} layer {msg.layer}: {len(data)} bytes, "
                           f"expected {want_bytes}")
-        actual = xxhash.xxh64_intdigest(msg.data)
+        actual = xxhash.xxh64_intdigest(data)
         if actual != msg.checksum_xxh64:
             raise Corrupt(f"chunk {msg.chunk_index} layer {msg.layer}: checksum "
                           f"{actual:#018x}, daemon sent {msg.checksum_xxh64:#018x}")
-        return np.frombuffer(msg.data, dtype=NUMPY_STORAGE[lay.dtype]).reshape(shape)
+        return np.frombuffer(data, dtype=NUMPY_STORAGE[lay.dtype]).reshape(shape)
 
     def layer(self, position: int) -> np.ndarray:
         """The assembled ``[2, heads, tokens, dim]`` of one completed layer."""

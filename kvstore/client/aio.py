@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client import _codec as codecs
@@ -42,7 +43,7 @@ class AsyncConnections(Connections):
             else:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[index] = channel
-        return pb_grpc.KVStoreStub(channel)
+        return frames.stub(channel)
 
     async def acall(self, what: str,
                     fn: Callable[[pb_grpc.KVStoreStub, float, Metadata], Awaitable[T]]) -> T:

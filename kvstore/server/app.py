@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2, kvstore_pb2_grpc
 from kvstore.config import Config, ServerConfig
 from kvstore.errors import InvalidArgument
@@ -108,6 +109,36 @@ class ServerHandle:
         log.info("daemon stopped")
 
 
+class _HandlerCapture:
+    """Stands in for the server while the generated code registers its handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.service = ""
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def _add_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer with ``kvstore._frames.serialize`` as every response serializer.
+
+    The generated registration hard-wires ``SerializeToString``; Get's data messages
+    are framed by hand instead (see ``kvstore._frames`` for why), so the handlers the
+    generated code builds are captured and re-registered with the pass-through serializer.
+    """
+    capture = _HandlerCapture()
+    kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, capture)
+    handlers = {name: handler._replace(response_serializer=frames.serialize)
+                for name, handler in capture.handlers.items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
 def build_server(config: Config, engine: Any) -> ServerHandle:
     """Build and bind (not start) a server over ``engine``; call inside the event loop."""
     host, port = check_listen(config.server)
@@ -125,7 +156,7 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
                                arena_for_tenants=config.server.arena_for_tenants)
     servicer = KVStoreServicer(engine, registry, Authenticator(config.server.tokens), executor,
                                counters, max_message_bytes=limit, same_host=same_host)
-    kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, server)
+    _add_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -19,6 +19,7 @@ import grpc
 import xxhash
 
 from kvstore import __version__
+from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import (
@@ -300,7 +301,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         else:
             stream = self._stream_chunk_major(keys, request, layers, context)
         async for message in stream:
-            self._counters.add_bytes(sent=len(message.data))
+            self._counters.add_bytes(sent=len(message))  # framed: payload + a few bytes
             yield message
 
     def _load(self, key: ChunkKey, encoded: bool) -> bytes | None:
@@ -330,7 +331,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return loaded
 
     async def _stream_layer_major(self, keys: list[ChunkKey], layers: list[int],
-                                  context: Any) -> AsyncIterator[pb.GetResponse]:
+                                  context: Any) -> AsyncIterator[bytes]:
         # Every chunk is needed for layer 0, so load the run first; the count is then exact.
         raws = await self._run(self._load_run, keys)
         total = len(raws) * len(layers)
@@ -340,7 +341,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 yield self._layer_message(raw, index, layer, len(raws))
 
     async def _stream_chunk_major(self, keys: list[ChunkKey], request: pb.GetRequest,
-                                  layers: list[int], context: Any) -> AsyncIterator[pb.GetResponse]:
+                                  layers: list[int], context: Any) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         # Decoded tensors go one (chunk, layer) per message: gRPC Python streams
         # sub-MiB messages 2-3x faster than whole multi-MiB objects, and the client
@@ -365,11 +366,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     f"{self._max_message_bytes}-byte message limit; ask for layer-major order "
                     "or a layer filter"
                 )
-            yield pb.GetResponse(chunk_index=index, data=obj, num_chunks=len(keys))
+            yield frames.get_response(chunk_index=index, data=obj, num_chunks=len(keys))
 
     @staticmethod
-    def _layer_message(raw: bytes, index: int, layer: int, num_chunks: int) -> pb.GetResponse:
+    def _layer_message(raw: bytes, index: int, layer: int, num_chunks: int) -> bytes:
         data = objects.layer_bytes(raw, layer)  # [2, heads, tokens, dim]
-        return pb.GetResponse(chunk_index=index, layer=layer, data=bytes(data),
-                              checksum_xxh64=xxhash.xxh64_intdigest(data),
-                              num_chunks=num_chunks)
+        return frames.get_response(chunk_index=index, layer=layer, data=data,
+                                   checksum_xxh64=xxhash.xxh64_intdigest(data),
+                                   num_chunks=num_chunks)
