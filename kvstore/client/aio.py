@@ -118,9 +118,20 @@ class AsyncClient:
 
     async def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                          as_numpy: bool = False) -> AsyncIterator[tuple[int, Any]]:
-        """Layer-major: yields ``(layer, [2, heads, n, dim])`` as each layer arrives."""
+        """Layer-major: yields ``(layer, [2, heads, n, dim])`` as each layer arrives.
+
+        Same host: copied out of the arena first, then handed out layer by layer
+        (see ``Client.get_layers``).
+        """
         arr = proto.check_tokens(tokens, position_free=False)
         chosen = proto.check_layers(layers, self.layout)
+        got = await self._get_local(arr, chosen, False)
+        if got is not local.STREAM:
+            for position, layer in enumerate(chosen or range(self.layout.num_layers)):
+                if got is None:
+                    return  # nothing stored
+                yield layer, from_storage(got[position], self.layout.dtype, as_numpy=as_numpy)
+            return
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=True,
                                     position_free=False)
         deadline = time.monotonic() + self._conns.timeout_s

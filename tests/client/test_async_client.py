@@ -14,11 +14,12 @@ from kvstore.errors import DeadlineExceeded, InvalidArgument
 from tests.conftest import make_kv, make_tokens
 
 
-def test_async_round_trip_lookup_and_layers(server, layout):
+@pytest.mark.parametrize("transport", ["stream", "arena"])
+def test_async_round_trip_lookup_and_layers(server, layout, transport):
     tokens, kv = make_tokens(56), make_kv(layout, 56)
 
     async def run() -> None:
-        async with AsyncClient(server.address, "m", layout) as c:
+        async with AsyncClient(server.address, "m", layout, transport=transport) as c:
             assert await c.lookup(tokens) == 0
             assert await c.get(tokens) is None
             assert await c.put(tokens, torch.from_numpy(kv)) == 48

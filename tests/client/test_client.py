@@ -90,16 +90,23 @@ def test_put_resends_only_chunks_not_yet_stored(client, layout, server):
     assert np.array_equal(c.get(tokens, as_numpy=True), kv)
 
 
-def test_get_layers_yields_each_layer_in_order(client, layout):
-    c = client()
+@pytest.mark.parametrize("transport", ["stream", "arena"])
+def test_get_layers_yields_each_layer_in_order(client, layout, server, transport):
+    c = client(transport=transport)
     tokens, kv = make_tokens(48), make_kv(layout, 48)
     c.put(tokens, kv)
+    sent_before = server.counters.sent_bytes
     seen = list(c.get_layers(tokens, as_numpy=True))
     assert [layer for layer, _ in seen] == list(range(layout.num_layers))
     for layer, arr in seen:
         assert np.array_equal(arr, kv[layer])
-    picked = [layer for layer, _ in c.get_layers(tokens, layers=[3, 1])]
-    assert picked == [1, 3]
+    # the arena path moves no tensor bytes through the socket; the stream moves them all
+    moved = server.counters.sent_bytes - sent_before
+    assert moved == 0 if transport == "arena" else moved >= kv.nbytes
+    picked = [(layer, arr) for layer, arr in c.get_layers(tokens, layers=[3, 1], as_numpy=True)]
+    assert [layer for layer, _ in picked] == [1, 3]
+    assert all(np.array_equal(arr, kv[layer]) for layer, arr in picked)
+    assert list(c.get_layers(make_tokens(48, seed=99))) == []  # nothing stored: no layers
 
 
 def test_get_with_layer_filter_returns_only_those_layers(client, layout):
@@ -166,7 +173,7 @@ def test_large_objects_are_split_into_parts(tmp_path):
     config = make_config(tmp_path / "d", **{"server.max_message_bytes": 2 << 20})
     lay = SMOLLM2_LAYOUT  # 5.9 MB per chunk, three times the message limit
     tokens, kv = make_tokens(512), make_kv(lay, 512)
-    with ServerThread(config) as srv, Client(srv.address, "smollm2", lay,
+    with ServerThread(config) as srv, Client(srv.address, "smollm2", lay, transport="stream",
                                              max_message_bytes=1 << 20) as c:
         assert c.put(tokens, kv) == 512
         back = np.stack([arr for _, arr in c.get_layers(tokens, as_numpy=True)])

@@ -32,7 +32,7 @@ def slow_layers(monkeypatch):
 
 def test_layer_is_yielded_before_later_layers_are_sent(client, layout, slow_layers):
     tokens, kv = make_tokens(48), make_kv(layout, 48)
-    c = client()
+    c = client(transport="stream")  # the arena path copies everything before yielding
     c.put(tokens, kv)
     yielded: dict[int, float] = {}
     for layer, arr in c.get_layers(tokens, as_numpy=True):
