@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.arena_file import ArenaReader, Extent, host_boot_id
 from kvstore.client._codec import decode_kvq_into
 from kvstore.client._tensors import NUMPY_STORAGE
-from kvstore.codec.format import HEADER_BYTES, CodecId, read_header
+from kvstore.codec.format import HEADER_BYTES, CodecId, new_object_hasher, read_header
 from kvstore.errors import Corrupt, InvalidArgument, NotFound
 from kvstore.layout import KVLayout
 
@@ -173,7 +172,7 @@ def _copy_object(view: memoryview, index: int, layout: KVLayout, num_tokens: int
     # [layers, 2, heads, T, dim]
     src = np.frombuffer(view[table_end:], dtype=storage).reshape(
         layout.num_layers, 2, layout.num_kv_heads, num_tokens, layout.head_dim)
-    digest = xxhash.xxh64(view[:_CHECKED_PREFIX])
+    digest = new_object_hasher(view[:_CHECKED_PREFIX])
     digest.update(view[HEADER_BYTES:table_end])
     for layer in range(layout.num_layers):
         position = positions.get(layer)
