@@ -142,6 +142,14 @@ def fetch_blocks_request(namespace: pb.Namespace, tokens: Any, layer: int, kind:
                                  heads=[int(h) for h in heads], blocks=[int(b) for b in blocks])
 
 
+def split_layers(out: np.ndarray | None, chosen: list[int] | None,
+                 layout: KVLayout) -> Iterator[tuple[int, np.ndarray]]:
+    """``(layer, [2, heads, n, dim])`` pairs of a ``get`` result (nothing for None)."""
+    if out is None:
+        return
+    yield from zip(chosen or range(layout.num_layers), out, strict=True)
+
+
 def check_layers(layers: Sequence[int] | None, layout: KVLayout) -> list[int] | None:
     if layers is None:
         return None

@@ -146,10 +146,8 @@ class Client:
         chosen = proto.check_layers(layers, self.layout)
         got = self._get_local(arr, chosen, False)
         if got is not local.STREAM:
-            for position, layer in enumerate(chosen or range(self.layout.num_layers)):
-                if got is None:
-                    return  # nothing stored
-                yield layer, from_storage(got[position], self.layout.dtype, as_numpy=as_numpy)
+            for layer, arr_l in proto.split_layers(got, chosen, self.layout):
+                yield layer, from_storage(arr_l, self.layout.dtype, as_numpy=as_numpy)
             return
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=True,
                                     position_free=False)
