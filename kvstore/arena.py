@@ -38,6 +38,7 @@ from kvstore.arena_file import (
     ArenaReader,
     Extent,
     create_file,
+    prefault,
     remove_stale_files,
     round_up,
 )
@@ -148,6 +149,8 @@ class Arena:
         # Unlink the file when the arena is collected or the interpreter exits unclosed.
         self._unlink = weakref.finalize(self, _unlink_quietly, self.path)
         self._view = memoryview(self._map)
+        threading.Thread(target=prefault, args=(self._map,), name="kvstore-arena-prefault",
+                         daemon=True).start()
         self._free = _FreeList(self.capacity_bytes, HEADER_BYTES)
         self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
         self._evicting: dict[ChunkKey, bytes] = {}  # evicted, on_evict still running

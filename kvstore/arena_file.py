@@ -154,6 +154,30 @@ def _map_new(directory: str, file_bytes: int) -> tuple[str, mmap.mmap]:
         os.close(fd)
 
 
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_PREFAULT_SLICE = 4 << 20  # ~2 ms per call here; mmap.madvise holds the GIL
+
+
+def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
+    """Fault every page of ``mapped`` into this process's page tables (contents unchanged).
+
+    fallocate reserved the pages, but each one still costs a fault on its first
+    write through this mapping: measured here, the first pass of 5.9 MB copies over
+    a fresh shm mapping ran at 1.0 GB/s, later passes (and passes after this) at
+    6-8 GB/s. Run in a background thread at start-up; returns early, quietly, on a
+    kernel without MADV_POPULATE_WRITE or once the mapping is closed.
+    """
+    size = len(mapped)
+    for offset in range(0, size, slice_bytes):
+        try:
+            mapped.madvise(_MADV_POPULATE_WRITE, offset, min(slice_bytes, size - offset))
+        except ValueError:  # the arena was closed meanwhile
+            return
+        except OSError as exc:  # EINVAL: kernel older than 5.14; pages fault on first use
+            log.debug("arena prefault stopped: %s", exc)
+            return
+
+
 class ArenaReader:
     """A client's read-only mapping of a daemon's arena file.
 

@@ -187,3 +187,29 @@ def test_arena_larger_than_its_tmpfs_fails_at_start(monkeypatch: pytest.MonkeyPa
     with pytest.raises(CapacityExhausted, match="cannot reserve"):
         Arena(64 * ALIGN)
     assert set(os.listdir("/dev/shm")) <= before  # no file left behind
+
+
+def _mapped_rss_bytes(path: str) -> int:
+    """Resident bytes of this process's mapping of ``path`` (from /proc/self/smaps)."""
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping line
+                inside = fields[-1] == path
+            elif inside and fields[0] == "Rss:":
+                rss += int(fields[1]) * 1024
+    return rss
+
+
+def test_arena_pages_are_faulted_in_at_start() -> None:
+    arena = Arena(64 << 20)
+    try:
+        deadline = time.monotonic() + 20
+        while _mapped_rss_bytes(arena.path) < arena.file_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # every page is mapped before any put wrote it: first writes take no faults
+        assert _mapped_rss_bytes(arena.path) == arena.file_bytes
+        assert arena.used_bytes == 0
+    finally:
+        arena.close()

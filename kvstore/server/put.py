@@ -66,14 +66,15 @@ class PutAssembler:
         elif index != self._current:
             raise InvalidArgument(f"chunk {index} started before chunk {self._current} got its "
                                   "last_part; parts of a chunk must be consecutive")
-        self._part_bytes += len(chunk.object_part)
+        part = chunk.object_part  # upb copies a bytes field on every access: read it once
+        self._part_bytes += len(part)
         if self._part_bytes > self.max_object_bytes:
             raise InvalidArgument(
                 f"chunk {index}: object is over {self.max_object_bytes} bytes (seen "
                 f"{self._part_bytes} so far), the most a {self.num_tokens}-token chunk of "
                 f"this layout can take"
             )
-        self._parts.append(chunk.object_part)
+        self._parts.append(part)
         if not chunk.last_part:
             return None
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
