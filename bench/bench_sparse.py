@@ -5,7 +5,8 @@ attention everywhere) is the same-run baseline. Each selector x budget is then
 run teacher-forced on the dense answer tokens and reports: attention-mass recall
 and oracle top-k overlap, attention-output relative error (sparse layers), next
 token KL and top-1 agreement vs dense, needle exact match (dense and sparse),
-bytes fetched per step vs the full KV, and the hit rate between steps.
+bytes fetched per step vs the full KV, and the hit rate between steps. The
+relative error is also reported per sparse layer (``rel_error_by_layer``).
 
     python bench/bench_sparse.py                  # ~7K-token prompts (slow on CPU)
     python bench/bench_sparse.py --smoke          # tiny, for the smoke test
@@ -118,13 +119,16 @@ def run_sparse(model, cfg, k_pre, values, rope, fp, dense_tokens, dense_logits):
         if step:
             hits += sum(s.num_hits for s in sparse_stats)
             misses += sum(s.num_misses for s in sparse_stats)
-    records = [r for layer in decoder.layers if isinstance(layer, ObservedLayer)
-               for r in layer.records]
+    observed = {i: layer.records for i, layer in enumerate(decoder.layers)
+                if isinstance(layer, ObservedLayer)}
+    records = [r for layer_records in observed.values() for r in layer_records]
     return {"recall": statistics.mean(r.recall for r in records),
             "recall_min_layer_step": min(r.recall for r in records),
             "overlap": statistics.mean(r.overlap for r in records),
             "rel_error": statistics.mean(r.rel_error for r in records),
             "rel_error_max": max(r.rel_error for r in records),
+            "rel_error_by_layer": {i: round(statistics.mean(r.rel_error for r in rs), 4)
+                                   for i, rs in observed.items()},
             "kl": statistics.mean(kls), "top1": statistics.mean(agree), "all_top1": all(agree),
             "fetched_bytes_first": fetched[0], "fetched_bytes_mean": statistics.mean(fetched),
             "hit_rate": hits / max(1, hits + misses)}
@@ -140,8 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", default="/tmp/kvstore-bench-sparse")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one prompt")
     ap.add_argument("--rank", type=int, default=None, help="low-rank factor rank (default 1/4)")
-    ap.add_argument("--exact-keys", action="store_true",
-                    help="fetch exact keys in every layer instead of rebuilding them")
+    ap.add_argument("--exact-keys", action=argparse.BooleanOptionalAction, default=True,
+                    help="fetch selected blocks' exact keys (--no-exact-keys: rebuild them "
+                         "from the low-rank factors)")
+    ap.add_argument("--summaries", action=argparse.BooleanOptionalAction, default=True,
+                    help="attend unselected blocks through their landmark and mean value")
+    ap.add_argument("--candidate-factor", type=int, default=8,
+                    help="two-stage: landmark candidates per selected block")
+    ap.add_argument("--outlier-blocks", type=int, default=4, help="exact outlier blocks per head")
+    ap.add_argument("--local-blocks", type=int, default=4, help="exact local-window blocks")
     args = ap.parse_args(argv)
     if args.smoke:
         args.num_tokens, args.prompts, args.budgets, args.new_tokens = 600, "0:0.5", "128", 3
@@ -150,7 +161,6 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_smollm2()
     rope, fp = rope_of(model), fingerprint_of(model)
     dense_cfg = SparseConfig(selector="dense")
-    exact_layers = tuple(range(model.config.num_hidden_layers)) if args.exact_keys else ()
     for spec in args.prompts.split(","):
         needle, depth = int(spec.split(":")[0]), float(spec.split(":")[1])
         ids = build_prompt(tokenizer, args.num_tokens, needle, depth)
@@ -168,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         for selector in args.selectors.split(","):
             for budget in map(int, args.budgets.split(",")):
                 cfg = SparseConfig(budget_tokens=budget, selector=selector, rank=args.rank,
-                                   exact_key_layers=exact_layers)
+                                   exact_keys=args.exact_keys,
+                                   summarize_unselected=args.summaries,
+                                   candidate_factor=args.candidate_factor,
+                                   outlier_blocks=args.outlier_blocks,
+                                   local_blocks=args.local_blocks)
                 start = time.perf_counter()
                 res = run_sparse(model, cfg, k_pre, values, rope, fp, dense_tokens, dense_logits)
                 step_s = (time.perf_counter() - start) / args.new_tokens
@@ -176,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                 # output, so the sparse answer matches exactly when the dense one does.
                 sparse_match = dense_match and res["all_top1"]
                 emit("sparse", f"{selector}@{budget}", **common, selector=selector,
-                     rank=cfg.rank, exact_keys=args.exact_keys,
+                     rank=cfg.rank, exact_keys=args.exact_keys, summaries=args.summaries,
+                     candidate_factor=args.candidate_factor,
+                     outlier_blocks=args.outlier_blocks, local_blocks=args.local_blocks,
                      budget_tokens=budget, **res, needle_match=sparse_match,
                      needle_match_dense=dense_match, full_kv_bytes=full_kv_bytes,
                      fetched_frac_first=res["fetched_bytes_first"] / full_kv_bytes,

@@ -79,6 +79,8 @@ class Namespace:
                     lay.chunk_tokens,
                     self.tp_rank,
                 ),
+                # Only when set, so the keys of existing (post-RoPE) namespaces stay put.
+                b"keys-pre-rope" if lay.keys_pre_rope else b"",
             ]
         )
         return NamespaceId(hashlib.sha256(encoded).digest())

@@ -25,6 +25,10 @@ class KVLayout:
     head_dim: int  # elements per head
     dtype: str = "float16"  # one of DTYPE_ITEMSIZE
     chunk_tokens: int = 256  # tokens per stored chunk; a partial last chunk is not stored
+    # Keys stored before RoPE (sparse decode, DESIGN §6) rather than rotated to their
+    # positions (transformers prefix reuse, the default). The daemon registers it with
+    # the rest of the layout, so a client expecting the other kind is refused.
+    keys_pre_rope: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "chunk_tokens"):
@@ -37,6 +41,9 @@ class KVLayout:
             raise InvalidArgument(
                 f"KVLayout.chunk_tokens must be <= 2**20, got {self.chunk_tokens}"
             )
+        if not isinstance(self.keys_pre_rope, bool):
+            raise InvalidArgument(
+                f"KVLayout.keys_pre_rope must be a bool, got {self.keys_pre_rope!r}")
         if self.dtype not in DTYPE_ITEMSIZE:
             raise InvalidArgument(
                 f"KVLayout.dtype must be one of {sorted(DTYPE_ITEMSIZE)}, got {self.dtype!r}"
@@ -69,4 +76,5 @@ class KVLayout:
         return (
             f"layers={self.num_layers} kv_heads={self.num_kv_heads} head_dim={self.head_dim} "
             f"dtype={self.dtype} chunk_tokens={self.chunk_tokens}"
+            f" keys={'pre' if self.keys_pre_rope else 'post'}-RoPE"
         )

@@ -37,18 +37,20 @@ ORDER_CHUNK_MAJOR: Order
 ORDER_LAYER_MAJOR: Order
 
 class Layout(_message.Message):
-    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_tokens")
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "dtype", "chunk_tokens", "keys_pre_rope")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_PRE_ROPE_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: DType
     chunk_tokens: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+    keys_pre_rope: bool
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., chunk_tokens: _Optional[int] = ..., keys_pre_rope: _Optional[bool] = ...) -> None: ...
 
 class Namespace(_message.Message):
     __slots__ = ("name", "layout", "tp_rank")
@@ -330,3 +332,37 @@ class FetchBlocksResponse(_message.Message):
     data: bytes
     block_bytes: int
     def __init__(self, data: _Optional[bytes] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
+class PutBlobRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "kind", "data")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    kind: str
+    data: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., kind: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutBlobResponse(_message.Message):
+    __slots__ = ("num_blobs_replaced",)
+    NUM_BLOBS_REPLACED_FIELD_NUMBER: _ClassVar[int]
+    num_blobs_replaced: int
+    def __init__(self, num_blobs_replaced: _Optional[int] = ...) -> None: ...
+
+class GetBlobRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "kind")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    kind: str
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class GetBlobResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

@@ -84,6 +84,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksResponse.FromString,
                 _registered_method=True)
+        self.PutBlob = channel.unary_unary(
+                '/kvstore.v1.KVStore/PutBlob',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.PutBlobRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PutBlobResponse.FromString,
+                _registered_method=True)
+        self.GetBlob = channel.unary_unary(
+                '/kvstore.v1.KVStore/GetBlob',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.GetBlobRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.GetBlobResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -161,6 +171,20 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutBlob(self, request, context):
+        """Attach a blob (e.g. a sparse shadow bundle) to a token sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBlob(self, request, context):
+        """The blob attached to a token sequence; a miss is an unset `data`, not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +237,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.FetchBlocks,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksResponse.SerializeToString,
+            ),
+            'PutBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBlob,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PutBlobRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.PutBlobResponse.SerializeToString,
+            ),
+            'GetBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlob,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.GetBlobRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.GetBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +519,60 @@ class KVStore:
             '/kvstore.v1.KVStore/FetchBlocks',
             kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/PutBlob',
+            kvstore_dot_v1_dot_kvstore__pb2.PutBlobRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.PutBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/GetBlob',
+            kvstore_dot_v1_dot_kvstore__pb2.GetBlobRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.GetBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

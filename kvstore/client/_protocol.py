@@ -51,7 +51,8 @@ def namespace_to_proto(name: str, layout: KVLayout, tp_rank: int) -> pb.Namespac
         name=name, tp_rank=tp_rank,
         layout=pb.Layout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads,
                          head_dim=layout.head_dim, dtype=DTYPE_TO_PROTO[layout.dtype],
-                         chunk_tokens=layout.chunk_tokens),
+                         chunk_tokens=layout.chunk_tokens,
+                         keys_pre_rope=layout.keys_pre_rope),
     )
 
 
@@ -140,6 +141,20 @@ def fetch_blocks_request(namespace: pb.Namespace, tokens: Any, layer: int, kind:
     return pb.FetchBlocksRequest(namespace=namespace, tokens_le_i32=arr.tobytes(), layer=layer,
                                  kind=kind, block_tokens=block_tokens,
                                  heads=[int(h) for h in heads], blocks=[int(b) for b in blocks])
+
+
+MAX_BLOB_KIND_BYTES = 128  # the proto's limit on PutBlobRequest.kind
+
+
+def blob_fields(tokens: Any, kind: str) -> dict[str, Any]:
+    """The (tokens, kind) fields of PutBlob/GetBlob, checked as the daemon will."""
+    arr = check_tokens(tokens, position_free=False)
+    if arr.size == 0:
+        raise InvalidArgument("a blob describes at least one token, got none")
+    if not isinstance(kind, str) or not 1 <= len(kind.encode()) <= MAX_BLOB_KIND_BYTES:
+        raise InvalidArgument(f"blob kind must be 1 to {MAX_BLOB_KIND_BYTES} bytes of UTF-8, "
+                              f"got {kind!r}")
+    return {"tokens_le_i32": arr.tobytes(), "kind": kind}
 
 
 def split_layers(out: np.ndarray | None, chosen: list[int] | None,

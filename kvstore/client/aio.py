@@ -190,6 +190,28 @@ class AsyncClient:
 
         return await self._conns.acall("FetchBlocks", attempt)
 
+    async def put_blob(self, tokens: Any, kind: str, data: bytes) -> bool:
+        """Attach ``data`` to exactly ``tokens`` under ``kind``; see ``Client.put_blob``."""
+        request = pb.PutBlobRequest(namespace=self._ns, data=bytes(data),
+                                    **proto.blob_fields(tokens, kind))
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bool:
+            resp = await stub.PutBlob(request, timeout=timeout, metadata=md)
+            return resp.num_blobs_replaced == 1
+
+        return await self._conns.acall("PutBlob", attempt)
+
+    async def get_blob(self, tokens: Any, kind: str) -> bytes | None:
+        """The blob attached to exactly ``tokens`` under ``kind``; None on a miss."""
+        request = pb.GetBlobRequest(namespace=self._ns, **proto.blob_fields(tokens, kind))
+
+        async def attempt(stub: pb_grpc.KVStoreStub, timeout: float,
+                          md: Metadata) -> bytes | None:
+            resp = await stub.GetBlob(request, timeout=timeout, metadata=md)
+            return resp.data if resp.HasField("data") else None
+
+        return await self._conns.acall("GetBlob", attempt)
+
     # ------------------------------------------------------------ position-free chunks
 
     async def put_chunk(self, tokens: Any, kv: Any) -> bool:

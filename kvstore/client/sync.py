@@ -207,6 +207,28 @@ class Client:
         return self._conns.call("FetchBlocks", lambda stub, t, md: stub.FetchBlocks(
             request, timeout=t, metadata=md).data)
 
+    def put_blob(self, tokens: Any, kind: str, data: bytes) -> bool:
+        """Attach ``data`` (e.g. a sparse shadow bundle) to exactly ``tokens`` under ``kind``.
+
+        Returns True if this replaced a blob stored there before (the last put wins).
+
+        Raises:
+            InvalidArgument: no tokens, an empty blob, a kind outside 1-128 bytes, or a
+                namespace layout clash.
+            CapacityExhausted: the blob is over the message-size limit or no tier holds it.
+        """
+        request = pb.PutBlobRequest(namespace=self._ns, data=bytes(data),
+                                    **proto.blob_fields(tokens, kind))
+        return self._conns.call("PutBlob", lambda stub, t, md: stub.PutBlob(
+            request, timeout=t, metadata=md).num_blobs_replaced == 1)
+
+    def get_blob(self, tokens: Any, kind: str) -> bytes | None:
+        """The blob attached to exactly ``tokens`` under ``kind``; None on a miss."""
+        request = pb.GetBlobRequest(namespace=self._ns, **proto.blob_fields(tokens, kind))
+        resp = self._conns.call("GetBlob", lambda stub, t, md: stub.GetBlob(
+            request, timeout=t, metadata=md))
+        return resp.data if resp.HasField("data") else None
+
     # ------------------------------------------------------------ position-free chunks
 
     def put_chunk(self, tokens: Any, kv: Any) -> bool:

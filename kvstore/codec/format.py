@@ -5,7 +5,7 @@ Every stored chunk is one object. Byte layout (all little-endian):
     offset size field
     0      4    magic            b"KVC1"
     4      2    format_version   FORMAT_VERSION (2; 1 used xxh64 as the checksum)
-    6      1    codec_id         CodecId (0 raw, 1 kvq)
+    6      1    codec_id         CodecId (0 raw, 1 kvq, 2 blob)
     7      1    codec_level      codec-specific level (0 for raw)
     8      1    dtype_code       DTYPE_CODES (1 float16, 2 bfloat16, 3 float32)
     9      1    flags            bit 0: position-free chunk (RAG); others 0
@@ -64,6 +64,9 @@ MAX_OBJECT_BYTES = 1 << 32
 class CodecId(enum.IntEnum):
     RAW = 0
     KVQ = 1
+    # Not a chunk: opaque bytes attached to a sequence (kvstore/server/blobs.py), one
+    # section; never accepted by Put nor served by Get.
+    BLOB = 2
 
 
 @dataclass(frozen=True, slots=True)

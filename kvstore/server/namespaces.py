@@ -1,10 +1,12 @@
 """Registry of namespaces: the first Put of (tenant, name, tp_rank) fixes its layout.
 
 Any later request naming the same namespace with another layout is refused with
-InvalidArgument. The registry is persisted as JSON next to the disk tier's
-objects (temp file + fsync + rename, so a crash leaves the old or the new file,
-never a torn one) and survives restarts; with the disk tier off it lives in
-memory only. An unknown namespace is not an error: reads of it are misses.
+InvalidArgument. The layout includes whether keys are stored pre- or post-RoPE, so
+a sparse-decode client and a prefix-reuse client never read each other's keys.
+The registry is persisted as JSON next to the disk tier's objects (temp file +
+fsync + rename, so a crash leaves the old or the new file, never a torn one) and
+survives restarts; with the disk tier off it lives in memory only. An unknown
+namespace is not an error: reads of it are misses.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from kvstore.errors import InvalidArgument
@@ -36,6 +39,7 @@ def _layout_to_json(layout: KVLayout) -> dict[str, int | str]:
     return {
         "num_layers": layout.num_layers, "num_kv_heads": layout.num_kv_heads,
         "head_dim": layout.head_dim, "dtype": layout.dtype, "chunk_tokens": layout.chunk_tokens,
+        "keys_pre_rope": layout.keys_pre_rope,
     }
 
 
@@ -134,7 +138,18 @@ class NamespaceRegistry:
         _write_atomically(self._path, text.encode())
 
 
+def _rope_name(layout: KVLayout) -> str:
+    return "pre-RoPE" if layout.keys_pre_rope else "post-RoPE"
+
+
 def _clash_message(namespace: Namespace, registered: KVLayout) -> str:
+    if replace(registered, keys_pre_rope=namespace.layout.keys_pre_rope) == namespace.layout:
+        return (
+            f"namespace {namespace.name!r} (tp_rank {namespace.tp_rank}) holds "
+            f"{_rope_name(registered)} keys, the request expects {_rope_name(namespace.layout)} "
+            "keys; attention over them would be silently wrong. Use another namespace name "
+            "(sparse decode stores pre-RoPE keys, transformers prefix reuse post-RoPE ones)"
+        )
     return (
         f"namespace {namespace.name!r} (tp_rank {namespace.tp_rank}) is registered with layout "
         f"[{registered.describe()}], the request has [{namespace.layout.describe()}]; "

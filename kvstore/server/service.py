@@ -30,7 +30,7 @@ from kvstore.errors import (
     PermissionDenied,
 )
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.server import local, objects
+from kvstore.server import blobs, local, objects
 from kvstore.server.auth import Authenticator
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.metrics import ServiceCounters
@@ -278,6 +278,60 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         data = await self._run(fetch_blocks, batch, keys, lambda key: self._load(key, False))
         self._counters.add_bytes(sent=len(data))
         return pb.FetchBlocksResponse(data=data, block_bytes=batch.block_bytes)
+
+    # ------------------------------------------------------------ blobs
+
+    @_rpc
+    async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        tokens = tokens_from_bytes(request.tokens_le_i32)
+        blobs.check_tokens(tokens)
+        kind = blobs.check_kind(request.kind)
+        if len(request.data) + _ENVELOPE_BYTES > self._max_message_bytes:
+            raise CapacityExhausted(
+                f"a {len(request.data)}-byte blob would not fit a GetBlob reply under the "
+                f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
+        obj = blobs.wrap(namespace, tokens.size, kind, request.data)
+
+        key = blobs.blob_key(namespace, tokens, kind)
+
+        def store() -> bool:
+            self._registry.register(namespace)  # a blob fixes the layout like a chunk does
+            # Unlike a chunk, a blob is not content-addressed: the last put wins (a
+            # client that rejected a stored bundle replaces it with a recomputed one).
+            replaced = self._engine.delete(key)
+            self._engine.put(key, obj)
+            return replaced
+
+        replaced = await self._run(store)
+        self._counters.add_bytes(received=len(request.data))
+        return pb.PutBlobResponse(num_blobs_replaced=int(replaced))
+
+    @_rpc
+    async def GetBlob(self, request: pb.GetBlobRequest, context: Any, tenant: str | None):
+        namespace = self._namespace(request, tenant)
+        tokens = tokens_from_bytes(request.tokens_le_i32)
+        blobs.check_tokens(tokens)
+        kind = blobs.check_kind(request.kind)
+        key = blobs.blob_key(namespace, tokens, kind)
+
+        def load() -> bytes | None:
+            obj = self._engine.get(key)
+            if obj is None:
+                return None
+            try:
+                return blobs.unwrap(obj, namespace, tokens.size, kind)
+            except Corrupt as exc:
+                self._counters.count_corrupt_read()
+                log.warning("dropping stored blob %s: %s", key.hex()[:16], exc)
+                self._engine.delete(key)
+                return None
+
+        data = await self._run(load)
+        if data is None:
+            return pb.GetBlobResponse()
+        self._counters.add_bytes(sent=len(data))
+        return pb.GetBlobResponse(data=data)
 
     # ------------------------------------------------------------ Get
 

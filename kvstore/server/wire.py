@@ -36,6 +36,7 @@ def layout_from_proto(msg: pb.Layout) -> KVLayout:
     return KVLayout(
         num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads, head_dim=msg.head_dim,
         dtype=DTYPE_BY_PROTO[msg.dtype], chunk_tokens=msg.chunk_tokens,
+        keys_pre_rope=msg.keys_pre_rope,
     )
 
 

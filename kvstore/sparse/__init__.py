@@ -20,11 +20,16 @@ from kvstore.sparse.config import SparseConfig
 from kvstore.sparse.decoder import SparseDecoder, build_sequence
 from kvstore.sparse.generate import generate, open_decoder
 from kvstore.sparse.shadow import LayerShadow, ShadowBundle
-from kvstore.sparse.store import HostSequenceStore, SequenceStore, sequence_key
+from kvstore.sparse.store import (
+    DaemonSequenceStore,
+    HostSequenceStore,
+    SequenceStore,
+    sequence_kind,
+)
 
 __all__ = [
     "KIND_KEY", "KIND_VALUE", "ArenaBlockSource", "BlockFetcher", "BlockGeometry", "BlockSource",
-    "BlockStore", "HostBlockPool", "HostSequenceStore", "LayerShadow", "RemoteBlockSource",
-    "SequenceStore", "ShadowBundle", "SparseConfig", "SparseDecoder", "SplitBlockSource",
-    "build_sequence", "generate", "open_decoder", "sequence_key",
+    "BlockStore", "DaemonSequenceStore", "HostBlockPool", "HostSequenceStore", "LayerShadow",
+    "RemoteBlockSource", "SequenceStore", "ShadowBundle", "SparseConfig", "SparseDecoder",
+    "SplitBlockSource", "build_sequence", "generate", "open_decoder", "sequence_kind",
 ]

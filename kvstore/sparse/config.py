@@ -13,9 +13,10 @@ SELECTORS = ("landmark", "lowrank", "two_stage", "dense")
 class SparseConfig:
     """How shadows are built at prefill and how chunks are chosen at each decode step.
 
-    ``budget_tokens`` counts every token a sparse layer attends: the sink, the
-    outlier blocks, the local window (sealed blocks plus the unsealed tail, reserved
-    at its largest) and the selected blocks.
+    ``budget_tokens`` counts every token a sparse layer attends exactly: the sink,
+    the outlier blocks, the local window (sealed blocks plus the unsealed tail,
+    reserved at its largest) and the selected blocks. With ``summarize_unselected``
+    every other sealed block adds one approximate term (see the field).
     """
 
     budget_tokens: int = 512  # tokens attended per sparse layer and kv head
@@ -27,8 +28,17 @@ class SparseConfig:
     local_blocks: int = 4  # most recent sealed blocks always attended, exact
     outlier_blocks: int = 4  # per kv head, blocks least like their landmark, kept exact
     dense_layers: int = 2  # the first layers attend everything, exactly
-    exact_key_layers: tuple[int, ...] = ()  # layers that fetch exact keys, not rebuilt ones
     store_dtype: str = "float16"  # dtype of values and exact keys in the block store
+    # Selected blocks' exact keys are fetched with their values (twice the bytes);
+    # False rebuilds them from the rank-r factors as ShadowKV does. The factors
+    # always drive selection. At rank 48 on SmolLM2 the rebuild alone added ~0.05
+    # to the attention-output error (bench/README.md, "Sparse decode").
+    exact_keys: bool = True
+    # Unselected blocks also enter attention, one term each: the block's landmark as
+    # key, its mean value as value, weighted as block_tokens tokens. Computed from the
+    # shadow (nothing fetched) and not counted in budget_tokens, which counts the
+    # tokens attended exactly.
+    summarize_unselected: bool = True
 
     def __post_init__(self) -> None:
         if self.selector not in SELECTORS:

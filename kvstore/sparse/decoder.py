@@ -43,7 +43,7 @@ def build_sequence(k_pre: torch.Tensor, values: torch.Tensor, cfg: SparseConfig,
         if not is_dense_layer(cfg, layer):
             rank = cfg.rank_for(num_kv * dim)
             layers[layer] = build_layer_shadow(
-                k_pre[layer, :, :sealed], rank, bt, cfg.outlier_blocks,
+                k_pre[layer, :, :sealed], values[layer, :, :sealed], rank, bt, cfg.outlier_blocks,
                 (cfg.sink_blocks, cfg.local_blocks), rope, capacity)
     return ShadowBundle(fingerprint, n, bt, rope[0], rope[1], layers,
                         k_pre[:, :, sealed:].clone(), values[:, :, sealed:].clone())

@@ -2,14 +2,17 @@
 
 A sparse layer attends, per kv head, to: the sink blocks and outlier blocks (exact,
 loaded once), the ``local_blocks`` most recent sealed blocks plus the unsealed
-tail (exact, kept as produced), and the top-k selected blocks, whose values are
-gathered from the block store on a miss and whose keys are rebuilt from the
-low-rank factors (or fetched exact) with RoPE re-applied. Every ``block_tokens``
-generated tokens are sealed into a new block, so the exact window never grows.
+tail (exact, kept as produced), and the top-k selected blocks, whose values and
+exact keys are gathered from the block store on a miss (or keys rebuilt from the
+low-rank factors), RoPE re-applied. Every other sealed block enters as one
+summary term (landmark key, mean value, weight ``block_tokens``) unless
+``summarize_unselected`` is off. Every ``block_tokens`` generated tokens are
+sealed into a new block, so the exact window never grows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +38,17 @@ class StepStats:
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-           valid: torch.Tensor | None = None) -> torch.Tensor:
-    """GQA attention of one query ``[Hq, D]`` over ``keys/values [Hkv, n, D]`` -> ``[Hq, D]``."""
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GQA attention of one query ``[Hq, D]`` over ``keys/values [Hkv, n, D]`` -> ``[Hq, D]``.
+
+    ``bias [Hkv, n]`` is added to the logits: -inf masks a slot, log(m) makes one key
+    stand for m tokens with that key and value.
+    """
     num_kv, _, dim = keys.shape
     qg = q.float().view(num_kv, -1, dim)
     logits = torch.einsum("hgd,hnd->hgn", qg, keys.float()) * scale
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    if bias is not None:
+        logits = logits + bias[:, None, :]
     probs = torch.softmax(logits, dim=-1)
     return torch.einsum("hgn,hnd->hgd", probs, values.float()).reshape(q.shape)
 
@@ -68,7 +75,7 @@ class SparseLayer:
         self.layer, self.cfg, self.shadow, self.store = layer, cfg, shadow, store
         self.rope, self.scale = rope, scale
         num_kv, dim, bt = shadow.landmarks.shape[0], shadow.landmarks.shape[2], cfg.block_tokens
-        self.exact_keys = layer in cfg.exact_key_layers
+        self.exact_keys = cfg.exact_keys
         # sink + outliers, exact and post-RoPE: [Hkv, n_static * T, D]
         sink = torch.arange(min(cfg.sink_blocks, shadow.num_blocks)).expand(num_kv, -1)
         self.static_blocks = torch.cat((sink, shadow.outliers), dim=1).contiguous()
@@ -143,15 +150,30 @@ class SparseLayer:
         live = torch.zeros(num_kv, num_slots, dtype=torch.bool)
         live.scatter_(1, self.block_slot.gather(1, selected), True)
         live = live[:, :, None].expand(-1, -1, bt).reshape(num_kv, num_slots * bt)
-        keys = torch.cat((self.static_k, self.res_k.view(num_kv, -1, dim), self.recent_k), 1)
-        values = torch.cat((self.static_v, self.res_v.view(num_kv, -1, dim), self.recent_v), 1)
-        ones = torch.ones(num_kv, self.static_k.shape[1], dtype=torch.bool)
-        recent = torch.ones(num_kv, self.recent_k.shape[1], dtype=torch.bool)
-        valid = torch.cat((ones, live, recent), dim=1)
+        keys = [self.static_k, self.res_k.view(num_kv, -1, dim), self.recent_k]
+        values = [self.static_v, self.res_v.view(num_kv, -1, dim), self.recent_v]
+        bias = [torch.zeros(num_kv, self.static_k.shape[1]),
+                torch.zeros(num_kv, num_slots * bt).masked_fill(~live, float("-inf")),
+                torch.zeros(num_kv, self.recent_k.shape[1])]
+        if self.cfg.summarize_unselected:
+            keys.append(self.shadow.landmarks[:, : self.shadow.num_blocks])
+            values.append(self.shadow.value_means[:, : self.shadow.num_blocks])
+            bias.append(self._summary_bias(selected))
         attended = self.static_k.shape[1] + selected.shape[1] * bt + self.recent_k.shape[1]
         first = self.local_start * bt
         self.last_window = (first, first + self.recent_k.shape[1])
-        return attend(q, keys, values, self.scale, valid), attended
+        out = attend(q, torch.cat(keys, 1), torch.cat(values, 1), self.scale, torch.cat(bias, 1))
+        return out, attended
+
+    def _summary_bias(self, selected: torch.Tensor) -> torch.Tensor:
+        """``[Hkv, num_blocks]``: log(T) for blocks attended by summary, -inf for the rest.
+
+        A block neither attended exactly nor selected counts as ``block_tokens`` tokens
+        with its landmark as key and its mean value as value.
+        """
+        rest = self.selectable().scatter(1, selected, False)
+        bias = torch.full(rest.shape, math.log(self.cfg.block_tokens))
+        return bias.masked_fill(~rest, float("-inf"))
 
     def _seal(self) -> None:
         """Turn the full tail into block ``num_blocks``: store it, extend the shadow."""
@@ -159,7 +181,7 @@ class SparseLayer:
         v_new = self.recent_v[:, -bt:]
         self.store.write(self.layer, KIND_KEY, block, self.tail_pre[:, None])
         self.store.write(self.layer, KIND_VALUE, block, v_new[:, None])
-        self.shadow.append_block(self.tail_pre, self.recent_k[:, -bt:])
+        self.shadow.append_block(self.tail_pre, self.recent_k[:, -bt:], v_new)
         if self.shadow.capacity_blocks > self.block_slot.shape[1]:
             grown = torch.full((self.block_slot.shape[0], self.shadow.capacity_blocks), -1,
                                dtype=torch.int64)

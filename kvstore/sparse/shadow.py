@@ -13,6 +13,11 @@ Bundle bytes (little-endian):
     8      8    payload_bytes  length of the safetensors payload that follows
     16     8    checksum       xxh64 of the payload
     24          payload        safetensors: tensors + string metadata
+
+Per-token coefficients, landmarks and mean values are stored as float16 (half the
+bytes: a 7K-token SmolLM2 bundle is ~38 MB instead of ~76 MB, under the daemon's
+default 64 MiB message limit) unless a value exceeds its range. They are rounded
+the same way when built, so a fresh and a reloaded sequence decode identically.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.kernels.sparse_gather import rope_rotate_reference
 
 MAGIC = b"KVSB"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: per-block mean values
 _HEADER = struct.Struct("<4sHHQQ")
 HEADER_BYTES = 24
 assert _HEADER.size == HEADER_BYTES
@@ -43,6 +48,7 @@ class LayerShadow:
     coeffs: torch.Tensor  # [capacity_blocks * T, R] float32: per-token low-rank coefficients
     basis: torch.Tensor  # [R, Hkv * D] float32, orthonormal rows: K_pre ~= coeffs @ basis
     landmarks: torch.Tensor  # [Hkv, capacity_blocks, D] float32: mean post-RoPE key per block
+    value_means: torch.Tensor  # [Hkv, capacity_blocks, D] float32: mean value per block
     outliers: torch.Tensor  # [Hkv, n_out] int64: blocks least like their landmark, kept exact
     num_blocks: int  # sealed blocks described
     block_tokens: int  # tokens per block
@@ -57,27 +63,32 @@ class LayerShadow:
             return
         coeffs = self.coeffs.new_zeros(capacity_blocks * self.block_tokens, self.coeffs.shape[1])
         coeffs[: self.coeffs.shape[0]] = self.coeffs
-        landmarks = self.landmarks.new_zeros(self.landmarks.shape[0], capacity_blocks,
-                                             self.landmarks.shape[2])
-        landmarks[:, : self.capacity_blocks] = self.landmarks
-        self.coeffs, self.landmarks = coeffs, landmarks
+        per_block = []
+        for old in (self.landmarks, self.value_means):
+            grown = old.new_zeros(old.shape[0], capacity_blocks, old.shape[2])
+            grown[:, : old.shape[1]] = old
+            per_block.append(grown)
+        self.coeffs, (self.landmarks, self.value_means) = coeffs, per_block
 
-    def append_block(self, k_pre: torch.Tensor, k_post: torch.Tensor) -> None:
-        """Seal one block: k_pre/k_post ``[Hkv, T, D]`` (exact keys of the new block)."""
+    def append_block(self, k_pre: torch.Tensor, k_post: torch.Tensor, v: torch.Tensor) -> None:
+        """Seal one block: k_pre/k_post/v ``[Hkv, T, D]`` (exact keys and values of it)."""
         num_kv, block_tokens, dim = k_pre.shape
         if self.num_blocks >= self.capacity_blocks:
             self.reserve(2 * self.capacity_blocks + 1)
         flat = k_pre.float().permute(1, 0, 2).reshape(block_tokens, num_kv * dim)
         start = self.num_blocks * block_tokens
-        self.coeffs[start : start + block_tokens] = flat @ self.basis.T
-        self.landmarks[:, self.num_blocks] = k_post.float().mean(dim=1)
+        self.coeffs[start : start + block_tokens] = _rounded(flat @ self.basis.T)
+        self.landmarks[:, self.num_blocks] = _rounded(k_post.float().mean(dim=1))
+        self.value_means[:, self.num_blocks] = _rounded(v.float().mean(dim=1))
         self.num_blocks += 1
 
 
-def build_layer_shadow(k_pre: torch.Tensor, rank: int, block_tokens: int, num_outliers: int,
-                       exact_blocks: tuple[int, int], rope: tuple[torch.Tensor, float],
-                       capacity_blocks: int) -> LayerShadow:
+def build_layer_shadow(k_pre: torch.Tensor, values: torch.Tensor, rank: int, block_tokens: int,
+                       num_outliers: int, exact_blocks: tuple[int, int],
+                       rope: tuple[torch.Tensor, float], capacity_blocks: int) -> LayerShadow:
     """Factor pre-RoPE keys ``[Hkv, n, D]`` (n a multiple of T) and summarise their blocks.
+
+    The summary of a block is its landmark (mean post-RoPE key) and its mean value.
 
     Outliers are, per kv head, the blocks whose keys are least aligned with their
     landmark (lowest min cosine), as in ShadowKV; ``exact_blocks`` = (sink blocks,
@@ -96,6 +107,9 @@ def build_layer_shadow(k_pre: torch.Tensor, rank: int, block_tokens: int, num_ou
     blocks = k_post.view(num_kv, num_blocks, block_tokens, dim)
     landmarks = torch.zeros(num_kv, capacity_blocks, dim)
     landmarks[:, :num_blocks] = blocks.mean(dim=2)
+    value_means = torch.zeros(num_kv, capacity_blocks, dim)
+    value_means[:, :num_blocks] = values.float().view(num_kv, num_blocks, block_tokens,
+                                                      dim).mean(dim=2)
     cos = torch.nn.functional.cosine_similarity(blocks, landmarks[:, :num_blocks, None], dim=-1)
     badness = -cos.amin(dim=-1)  # [Hkv, num_blocks]
     sink, window = exact_blocks
@@ -103,7 +117,19 @@ def build_layer_shadow(k_pre: torch.Tensor, rank: int, block_tokens: int, num_ou
     badness[:, max(sink, num_blocks - window) :] = float("-inf")
     count = max(0, min(num_outliers, num_blocks - sink - window))
     outliers = badness.topk(count, dim=1).indices.sort(dim=1).values
-    return LayerShadow(coeffs, basis, landmarks, outliers, num_blocks, block_tokens)
+    return LayerShadow(_rounded(coeffs), basis, _rounded(landmarks), _rounded(value_means),
+                       outliers, num_blocks, block_tokens)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as stored in a bundle: float16 when every value fits it, else float32."""
+    half = t.half()
+    return half if bool(torch.isfinite(half).all()) else t.float()
+
+
+def _rounded(t: torch.Tensor) -> torch.Tensor:
+    """float32 holding exactly what a bundle stores for ``t``."""
+    return _compact(t).float()
 
 
 @dataclass(slots=True)
@@ -133,9 +159,10 @@ class ShadowBundle:
                 "layers": {}}
         for i, sh in self.layers.items():
             used = sh.num_blocks
-            tensors[f"{i}.coeffs"] = sh.coeffs[: used * self.block_tokens].contiguous()
+            tensors[f"{i}.coeffs"] = _compact(sh.coeffs[: used * self.block_tokens]).contiguous()
             tensors[f"{i}.basis"] = sh.basis.contiguous()
-            tensors[f"{i}.landmarks"] = sh.landmarks[:, :used].contiguous()
+            tensors[f"{i}.landmarks"] = _compact(sh.landmarks[:, :used]).contiguous()
+            tensors[f"{i}.value_means"] = _compact(sh.value_means[:, :used]).contiguous()
             tensors[f"{i}.outliers"] = sh.outliers.contiguous()
             meta["layers"][str(i)] = used
         payload = st_save(tensors, metadata={"bundle": json.dumps(meta)})
@@ -159,8 +186,10 @@ class ShadowBundle:
         tensors = st_load(payload)
         layers = {}
         for key, used in meta["layers"].items():
-            sh = LayerShadow(tensors[f"{key}.coeffs"], tensors[f"{key}.basis"],
-                             tensors[f"{key}.landmarks"], tensors[f"{key}.outliers"], used,
+            sh = LayerShadow(tensors[f"{key}.coeffs"].float(), tensors[f"{key}.basis"],
+                             tensors[f"{key}.landmarks"].float(),
+                             tensors[f"{key}.value_means"].float(),
+                             tensors[f"{key}.outliers"], used,
                              meta["block_tokens"])
             _check_rows(sh)
             sh.reserve(capacity_blocks)
@@ -180,6 +209,7 @@ def _metadata(payload: bytes) -> str:
 def _check_rows(sh: LayerShadow) -> None:
     """Loaded tensors are exactly ``num_blocks`` long; anything else is a forged bundle."""
     rows, blocks = sh.coeffs.shape[0], sh.landmarks.shape[1]
-    if rows != sh.num_blocks * sh.block_tokens or blocks != sh.num_blocks:
+    if rows != sh.num_blocks * sh.block_tokens or blocks != sh.num_blocks \
+            or sh.value_means.shape != sh.landmarks.shape:
         raise Corrupt(f"bundle layer has {rows} coefficient rows and {blocks} landmarks "
                       f"for {sh.num_blocks} blocks of {sh.block_tokens}")

