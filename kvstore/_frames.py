@@ -1,4 +1,4 @@
-"""Hand-framed protobuf bytes for the two bulk messages: Get's data and Put's object parts.
+"""Hand-framed protobuf bytes for the bulk messages: Get's data, Put's parts, FetchBlocks' data.
 
 protobuf's Python runtime (upb) serialises a message holding a large ``bytes``
 field slowly: measured here, ``GetResponse.SerializeToString`` of one 196 KiB
@@ -24,6 +24,7 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 _GET_RESPONSE_DATA = b"\x1a"  # GetResponse.data = 3
 _PUT_REQUEST_CHUNK = b"\x12"  # PutRequest.chunk = 2
 _PUT_CHUNK_OBJECT_PART = b"\x12"  # PutChunk.object_part = 2
+_FETCH_BLOCKS_DATA = b"\x0a"  # FetchBlocksResponse.data = 1
 
 
 def _varint(value: int) -> bytes:
@@ -36,11 +37,17 @@ def _varint(value: int) -> bytes:
 
 
 def get_response(*, chunk_index: int, data: Any, num_chunks: int, layer: int | None = None,
-                 checksum_xxh64: int = 0) -> bytes:
+                 checksum_xxh3: int = 0) -> bytes:
     """A serialised ``GetResponse`` carrying ``data`` (any bytes-like object)."""
-    head = pb.GetResponse(chunk_index=chunk_index, layer=layer, checksum_xxh64=checksum_xxh64,
-                          num_chunks=num_chunks).SerializeToString()
+    head = pb.GetResponse(chunk_index=chunk_index, layer=layer,
+                          checksum_xxh3=checksum_xxh3, num_chunks=num_chunks).SerializeToString()
     return b"".join((head, _GET_RESPONSE_DATA, _varint(len(data)), data))
+
+
+def fetch_blocks_response(*, data: Any, block_bytes: int) -> bytes:
+    """A serialised ``FetchBlocksResponse`` carrying ``data``."""
+    head = pb.FetchBlocksResponse(block_bytes=block_bytes).SerializeToString()
+    return b"".join((head, _FETCH_BLOCKS_DATA, _varint(len(data)), data))
 
 
 def put_chunk_request(*, chunk_index: int, object_part: Any, last_part: bool) -> bytes:

@@ -13,8 +13,8 @@ from kvstore._proto import kvstore_pb2 as pb
 def test_get_response_parses_to_the_protobuf_message(size: int, layer: int | None) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     framed = frames.get_response(chunk_index=7, layer=layer, data=memoryview(data),
-                                 checksum_xxh64=2**64 - 1, num_chunks=9)
-    expected = pb.GetResponse(chunk_index=7, layer=layer, data=data, checksum_xxh64=2**64 - 1,
+                                 checksum_xxh3=2**64 - 1, num_chunks=9)
+    expected = pb.GetResponse(chunk_index=7, layer=layer, data=data, checksum_xxh3=2**64 - 1,
                               num_chunks=9)
     parsed = pb.GetResponse.FromString(framed)
     assert parsed == expected
@@ -42,3 +42,12 @@ def test_serialize_passes_bytes_through_and_serialises_messages() -> None:
     assert frames.serialize(framed) is framed
     msg = pb.GetResponse(chunk_index=1, num_chunks=2)
     assert frames.serialize(msg) == msg.SerializeToString()
+
+
+@pytest.mark.parametrize("size", [1, 4096, 1 << 20])
+def test_fetch_blocks_response_parses_to_the_protobuf_message(size: int) -> None:
+    data = bytes(i % 253 for i in range(size))
+    framed = frames.fetch_blocks_response(data=memoryview(data), block_bytes=128)
+    expected = pb.FetchBlocksResponse(data=data, block_bytes=128)
+    assert pb.FetchBlocksResponse.FromString(framed) == expected
+    assert len(framed) == expected.ByteSize()

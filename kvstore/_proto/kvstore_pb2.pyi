@@ -143,18 +143,18 @@ class GetRequest(_message.Message):
     def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., order: _Optional[_Union[Order, str]] = ..., layers: _Optional[_Iterable[int]] = ..., encoded: _Optional[bool] = ..., position_free: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("chunk_index", "layer", "data", "checksum_xxh64", "num_chunks")
+    __slots__ = ("chunk_index", "layer", "data", "checksum_xxh3", "num_chunks")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_XXH64_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_XXH3_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     layer: int
     data: bytes
-    checksum_xxh64: int
+    checksum_xxh3: int
     num_chunks: int
-    def __init__(self, chunk_index: _Optional[int] = ..., layer: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum_xxh64: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    def __init__(self, chunk_index: _Optional[int] = ..., layer: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum_xxh3: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("namespace", "tokens_le_i32", "position_free")

@@ -6,7 +6,7 @@ Wire details the client relies on (see the proto for the fields):
   ``min(1 MiB, max_message_bytes - 64 KiB)``: no message exceeds the limit, and
   mid-sized messages stream fastest through gRPC Python.
 - Get returns, per chunk, an encoded KVC1 object (``encoded``) or one message per
-  (chunk, layer) carrying ``[2, heads, tokens, dim]`` bytes and their xxh64.
+  (chunk, layer) carrying ``[2, heads, tokens, dim]`` bytes and their XXH3-64.
   Every object and layer is verified here; bad bytes raise Corrupt.
 - A chunk-major stream may end early (a chunk evicted after the daemon's
   lookup): the result is then the complete leading chunks received.
@@ -259,10 +259,10 @@ class GetAssembler:
         if len(data) != want_bytes:
             raise Corrupt(f"chunk {msg.chunk_index} layer {msg.layer}: {len(data)} bytes, "
                           f"expected {want_bytes}")
-        actual = xxhash.xxh64_intdigest(data)
-        if actual != msg.checksum_xxh64:
+        actual = xxhash.xxh3_64_intdigest(data)
+        if actual != msg.checksum_xxh3:
             raise Corrupt(f"chunk {msg.chunk_index} layer {msg.layer}: checksum "
-                          f"{actual:#018x}, daemon sent {msg.checksum_xxh64:#018x}")
+                          f"{actual:#018x}, daemon sent {msg.checksum_xxh3:#018x}")
         return np.frombuffer(data, dtype=NUMPY_STORAGE[lay.dtype]).reshape(shape)
 
     def layer(self, position: int) -> np.ndarray:

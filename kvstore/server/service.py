@@ -277,7 +277,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 f"{self._max_message_bytes}-byte message limit; ask for fewer per call")
         data = await self._run(fetch_blocks, batch, keys, lambda key: self._load(key, False))
         self._counters.add_bytes(sent=len(data))
-        return pb.FetchBlocksResponse(data=data, block_bytes=batch.block_bytes)
+        return frames.fetch_blocks_response(data=data, block_bytes=batch.block_bytes)
 
     # ------------------------------------------------------------ blobs
 
@@ -426,5 +426,5 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def _layer_message(raw: bytes, index: int, layer: int, num_chunks: int) -> bytes:
         data = objects.layer_bytes(raw, layer)  # [2, heads, tokens, dim]
         return frames.get_response(chunk_index=index, layer=layer, data=data,
-                                   checksum_xxh64=xxhash.xxh64_intdigest(data),
+                                   checksum_xxh3=xxhash.xxh3_64_intdigest(data),
                                    num_chunks=num_chunks)

@@ -278,7 +278,7 @@ def test_sixteen_concurrent_clients_get_exactly_what_they_put(client, layout):
 
 def test_get_assembler_rejects_a_bad_layer_checksum(layout):
     data = make_kv(layout, 16)[0].tobytes()
-    msg = pb.GetResponse(chunk_index=0, layer=0, data=data, checksum_xxh64=123, num_chunks=1)
+    msg = pb.GetResponse(chunk_index=0, layer=0, data=data, checksum_xxh3=123, num_chunks=1)
     asm = GetAssembler(layout, 16, [0], layer_major=True)
     with pytest.raises(Corrupt, match="checksum"):
         asm.add(msg)
