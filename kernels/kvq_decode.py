@@ -6,7 +6,7 @@ coding channels ``[l * cpl, (l + 1) * cpl)`` of the flat ``[sections * C, T]``
 symbol array. Each program runs BLOCK lanes in lock-step, one symbol per step, with
 a branch-free 7-step binary search over the lane's 129-entry CDF row.
 
-The reference is the CPU decoder ``kvstore.codec.rans.decode_lanes`` (numba) on the
+The reference is the CPU decoder ``kvstore.codec.rans.decode_flat`` (numba) on the
 same flat arrays; ``decode_lanes_reference`` wraps it for torch tensors and tests
 compare the two symbol for symbol (under TRITON_INTERPRET=1 without a GPU).
 """
@@ -34,13 +34,14 @@ def decode_lanes_reference(words: torch.Tensor, lane_start: torch.Tensor,
                            lane_end: torch.Tensor, cdf: torch.Tensor, channels_per_lane: int,
                            num_tokens: int) -> tuple[torch.Tensor, bool]:
     """CPU reference: (symbols ``[C, T]`` uint8, all lanes intact)."""
-    from kvstore.codec.rans import decode_lanes
+    from kvstore.codec.rans import decode_flat
 
-    symct = np.zeros((cdf.shape[0], num_tokens), dtype=np.uint8)
-    ok = decode_lanes(words.cpu().numpy().astype(np.uint16), lane_start.cpu().numpy(),
-                      lane_end.cpu().numpy(), cdf.cpu().numpy().astype(np.int32),
-                      channels_per_lane, MAX_SYMBOLS, symct)
-    return torch.from_numpy(symct), bool(ok)
+    symct = decode_flat(words.cpu().numpy().astype(np.uint16), lane_start.cpu().numpy(),
+                        lane_end.cpu().numpy(), cdf.cpu().numpy().astype(np.int32),
+                        channels_per_lane, num_tokens, MAX_SYMBOLS)
+    if symct is None:
+        return torch.zeros((cdf.shape[0], num_tokens), dtype=torch.uint8), False
+    return torch.from_numpy(symct), True
 
 
 if triton is not None:

@@ -13,7 +13,9 @@ is ``base * 2**(-code/16)`` (``RATIO[code]``, a constant table), rounded so it
 always covers the data (no clipping). Key minima are float16, rounded down.
 
 Symbols come out ``[channels, tokens]`` uint8 (channel = head * head_dim + d), the
-order the lane coder takes, with per-channel histograms for fitting distributions.
+order the lane coder takes, with per-channel histograms for fitting distributions
+(a separate pass, so the quantising loops stay free of scattered increments and
+compile to vector code).
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ def quantize_keys(x, lo, hi, num_symbols, symct, hist, codes):  # pragma: no cov
     base = np.float32(0.0)
     for c in range(num_heads * dim):
         base = max(base, hi[c] - lo[c])
-    hist[:, :] = 0
     top = num_symbols - 1
     inv = np.empty(num_heads * dim, dtype=np.float32)
     for c in range(num_heads * dim):
@@ -71,8 +72,7 @@ def quantize_keys(x, lo, hi, num_symbols, symct, hist, codes):  # pragma: no cov
         codes[c] = code
         step = base * RATIO[code] / np.float32(top)
         inv[c] = np.float32(1.0) / step if step > 0 else np.float32(0.0)
-    # Token-major walk: contiguous reads, and consecutive histogram updates hit
-    # different channels (no store-to-load stalls on one counter).
+    # Token-major walk: contiguous reads; the histogram is a second pass (_histogram).
     for h in range(num_heads):
         for t in range(num_tok):
             for d in range(dim):
@@ -80,9 +80,8 @@ def quantize_keys(x, lo, hi, num_symbols, symct, hist, codes):  # pragma: no cov
                 # x - lo >= 0: truncating v + 0.5 rounds (half up) and, unlike
                 # np.rint, compiles to plain vector instructions.
                 q = np.int32((x[h, t, d] - lo[c]) * inv[c] + np.float32(0.5))
-                q = min(max(q, 0), top)
-                symct[c, t] = q
-                hist[c, q] += 1
+                symct[c, t] = min(max(q, np.int32(0)), np.int32(top))
+    _histogram(symct, hist)
     return base
 
 
@@ -159,17 +158,40 @@ def quantize_values(x, num_symbols, rotate, symct, hist, codes):  # pragma: no c
         codes[k] = code
         step = np.float32(2.0) * base * RATIO[code] / np.float32(num_symbols - 1)
         inv[k] = np.float32(1.0) / step if step > 0 else np.float32(0.0)
-    hist[:, :] = 0
     offset = np.float32(half) + np.float32(0.5)  # keeps the truncated argument >= 0
+    top = np.int32(num_symbols - 1)
     for h in range(num_heads):
         for d in range(dim):
-            c = h * dim + d
-            for t in range(num_tok):
-                q = np.int32(y[d, h * num_tok + t] * inv[h * num_tok + t] + offset)
-                q = min(max(q, 0), num_symbols - 1)
-                symct[c, t] = q
-                hist[c, q] += 1
+            row = symct[h * dim + d]
+            src = y[d, h * num_tok : (h + 1) * num_tok]
+            scale = inv[h * num_tok : (h + 1) * num_tok]
+            for t in range(num_tok):  # vectorised: no histogram update in this loop
+                q = np.int32(src[t] * scale[t] + offset)
+                row[t] = min(max(q, np.int32(0)), top)
+    _histogram(symct, hist)
     return base
+
+
+@numba.njit(cache=True, nogil=True)
+def _histogram(symct, hist):  # pragma: no cover - compiled
+    """Per-row symbol counts; four partial counters per row hide the store-to-load
+    latency of runs of equal symbols (peaked distributions have long ones)."""
+    num_ch, num_tok = symct.shape
+    num_symbols = hist.shape[1]
+    part = np.empty((4, num_symbols), dtype=np.int64)
+    for c in range(num_ch):
+        part[:, :] = 0
+        row = symct[c]
+        whole = num_tok - num_tok % 4
+        for t in range(0, whole, 4):
+            part[0, row[t]] += 1
+            part[1, row[t + 1]] += 1
+            part[2, row[t + 2]] += 1
+            part[3, row[t + 3]] += 1
+        for t in range(whole, num_tok):
+            part[0, row[t]] += 1
+        for k in range(num_symbols):
+            hist[c, k] = part[0, k] + part[1, k] + part[2, k] + part[3, k]
 
 
 @numba.njit(cache=True, nogil=True)

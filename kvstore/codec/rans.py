@@ -14,8 +14,15 @@ decoder checks that it ends there having consumed exactly the lane's words, whic
 catches forged or damaged streams that slipped past the checksum.
 
 numba, not numpy: rANS is a serial recurrence per lane, which numpy cannot
-vectorise; interpreted Python runs it at ~1 MB/s, numba at ~300 MB/s per core
-(DESIGN §3). ``constriction`` is the reference the tests compare sizes against.
+vectorise; interpreted Python runs it at ~1 MB/s. The compiled loops keep four
+lanes' states in local variables (registers), so the CPU overlaps four independent
+dependency chains, and avoid data-dependent branches where a mispredict would cost
+more than the work it skips. The decoder finds a slot's symbol through a per-channel
+table of 2**7 buckets (the symbol at each bucket's start, built per channel as it is
+decoded) plus a comparison with the next CDF entry; a bucket holding more than one
+symbol boundary (tails only: < 1% of symbols) takes a short loop. The encoder turns
+``x // f`` into an exact float64 multiply. ``constriction`` is the reference the
+tests compare sizes against.
 """
 
 from __future__ import annotations
@@ -27,12 +34,45 @@ from kvstore.codec.dist import MAX_SYMBOLS, PREC_BITS, PREC_TOTAL
 
 STATE_LOW = 1 << 16  # lower bound of the normalised state
 _MASK = (1 << PREC_BITS) - 1
-assert MAX_SYMBOLS == 128, "the unrolled binary search below assumes 128-entry CDF rows"
 
 
 # 1/f for every frequency: the encoder's division x // f becomes a float64 multiply
-# plus an exact integer correction (64-bit division costs ~40 cycles).
+# (64-bit division costs ~40 cycles).
 _INV_FREQ = 1.0 / np.maximum(np.arange(PREC_TOTAL + 1, dtype=np.float64), 1.0)
+_HALF = np.float64(0.5)
+_GROUP = 4  # lanes coded in lock-step, their states in locals
+
+# Decoder scratch: per lane of a group, a copy of the current channel's CDF row (at
+# a fixed stride, so the compiled loop addresses all four from one register) and
+# its bucket table, _LUT entries of the symbol holding slot k << _LUT_SHIFT.
+LUT_BITS = 7
+_LUT = 1 << LUT_BITS
+_LUT_SHIFT = PREC_BITS - LUT_BITS
+_ROW = MAX_SYMBOLS + 8
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _enc_step(x, n, s, row, out_row, top, inv_freq):  # pragma: no cover - compiled
+    """Push symbol s; words go to out_row[top - n] downwards. Indices are unsigned:
+    numba adds a negative-index fix-up to every signed one."""
+    start = np.int64(row[s])
+    f = np.int64(row[s + np.uint64(1)]) - start
+    need = x >= (f << (32 - PREC_BITS))
+    out_row[top - n] = x & 0xFFFF  # always stored, kept only if due (branch-free)
+    n += np.uint64(need)
+    x = (x >> 16) if need else x
+    # floor((x + 0.5) * (1/f)) == x // f exactly: (x + 0.5) / f is at least
+    # 0.5 / f >= 2**-15 away from an integer; the float64 error is below 2**-20.
+    q = np.int64((np.float64(x) + _HALF) * inv_freq[np.uint64(f)])
+    return (q << PREC_BITS) + (x - q * f) + start, n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _enc_flush(out, lens, lane, x, n):  # pragma: no cover - compiled
+    top = np.uint64(out.shape[1] - 1)
+    out[lane, top - n] = x & 0xFFFF
+    out[lane, top - n - np.uint64(1)] = x >> 16
+    lens[lane] = np.int64(n) + 2
 
 
 @numba.njit(cache=True, nogil=True)
@@ -41,61 +81,75 @@ def encode_lanes(symct, cdf, channels_per_lane, out, lens, inv_freq):  # pragma:
 
     ``out`` is scratch ``[num_lanes, cpl * T + 2]`` uint16; lane ``l``'s words end up in
     ``out[l, cap - lens[l]:]`` in decoder order. States are int64 (they stay < 2**32):
-    numba turns mixed signed/unsigned arithmetic into float64. Lanes advance in
-    lock-step so their divisions overlap.
+    numba turns mixed signed/unsigned arithmetic into float64.
     """
     num_ch, num_tok = symct.shape
-    cap = out.shape[1]
-    num_lanes = num_ch // channels_per_lane
-    x = np.full(num_lanes, STATE_LOW, dtype=np.int64)
-    n = np.zeros(num_lanes, dtype=np.int64)
-    for cbase in range(channels_per_lane - 1, -1, -1):
-        for t in range(num_tok - 1, -1, -1):
-            for lane in range(num_lanes):
-                c = lane * channels_per_lane + cbase
-                s = np.int64(symct[c, t])
-                start = np.int64(cdf[c, s])
-                f = np.int64(cdf[c, s + 1]) - start
-                xl = x[lane]
-                if xl >= (f << (32 - PREC_BITS)):
-                    out[lane, cap - 1 - n[lane]] = xl & 0xFFFF
-                    n[lane] += 1
-                    xl >>= 16
-                q = np.int64(np.float64(xl) * inv_freq[f])
-                r = xl - q * f
-                if r < 0:
-                    q -= 1
-                    r += f
-                elif r >= f:
-                    q += 1
-                    r -= f
-                x[lane] = (q << PREC_BITS) + r + start
-    for lane in range(num_lanes):
-        out[lane, cap - 1 - n[lane]] = x[lane] & 0xFFFF
-        out[lane, cap - 2 - n[lane]] = x[lane] >> 16
-        lens[lane] = n[lane] + 2
+    top = np.uint64(out.shape[1] - 1)
+    cpl = channels_per_lane
+    num_lanes = num_ch // cpl
+    whole = num_lanes - num_lanes % _GROUP
+    for l0 in range(0, whole, _GROUP):
+        x0 = x1 = x2 = x3 = np.int64(STATE_LOW)
+        n0 = n1 = n2 = n3 = np.uint64(0)
+        o0, o1, o2, o3 = out[l0], out[l0 + 1], out[l0 + 2], out[l0 + 3]
+        for cbase in range(cpl - 1, -1, -1):
+            c = l0 * cpl + cbase
+            r0, r1, r2, r3 = cdf[c], cdf[c + cpl], cdf[c + 2 * cpl], cdf[c + 3 * cpl]
+            s0, s1, s2, s3 = symct[c], symct[c + cpl], symct[c + 2 * cpl], symct[c + 3 * cpl]
+            for t in range(num_tok - 1, -1, -1):
+                x0, n0 = _enc_step(x0, n0, s0[t], r0, o0, top, inv_freq)
+                x1, n1 = _enc_step(x1, n1, s1[t], r1, o1, top, inv_freq)
+                x2, n2 = _enc_step(x2, n2, s2[t], r2, o2, top, inv_freq)
+                x3, n3 = _enc_step(x3, n3, s3[t], r3, o3, top, inv_freq)
+        _enc_flush(out, lens, l0, x0, n0)
+        _enc_flush(out, lens, l0 + 1, x1, n1)
+        _enc_flush(out, lens, l0 + 2, x2, n2)
+        _enc_flush(out, lens, l0 + 3, x3, n3)
+    for lane in range(whole, num_lanes):
+        x0 = np.int64(STATE_LOW)
+        n0 = np.uint64(0)
+        for cbase in range(cpl - 1, -1, -1):
+            r0, s0 = cdf[lane * cpl + cbase], symct[lane * cpl + cbase]
+            for t in range(num_tok - 1, -1, -1):
+                x0, n0 = _enc_step(x0, n0, s0[t], r0, out[lane], top, inv_freq)
+        _enc_flush(out, lens, lane, x0, n0)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _find_symbol(row, slot, first_step):  # pragma: no cover - compiled
-    # Largest s with row[s] <= slot; rows are padded with 2**14 > slot, and
-    # 2 * first_step >= A. Branch-free: the comparisons are data-dependent.
-    # (the first_step tests are the same for every symbol: perfectly predicted).
-    s = 0
-    if first_step >= 64:
-        s += np.int64(row[s + 64] <= slot) << 6
-    if first_step >= 32:
-        s += np.int64(row[s + 32] <= slot) << 5
-    if first_step >= 16:
-        s += np.int64(row[s + 16] <= slot) << 4
-    if first_step >= 8:
-        s += np.int64(row[s + 8] <= slot) << 3
-    if first_step >= 4:
-        s += np.int64(row[s + 4] <= slot) << 2
-    if first_step >= 2:
-        s += np.int64(row[s + 2] <= slot) << 1
-    s += np.int64(row[s + 1] <= slot)
-    return s
+def _load_channel(row, num_symbols, rows, lut, i):  # pragma: no cover - compiled
+    """Copy a CDF row to rows[i * _ROW:] and fill its bucket table lut[i * _LUT:].
+
+    rows[A] is set to 2**14 whatever the row says, so the decoder's search always
+    stops inside the copy; expanded rows (fit.expand) hold 2**14 there anyway.
+    """
+    for s in range(num_symbols):
+        rows[i * _ROW + s] = row[s]
+    rows[i * _ROW + num_symbols] = PREC_TOTAL
+    k = i * _LUT
+    for s in range(num_symbols):
+        end = i * _LUT + ((np.int64(rows[i * _ROW + s + 1]) + (1 << _LUT_SHIFT) - 1)
+                          >> _LUT_SHIFT)
+        while k < end:
+            lut[k] = s
+            k += 1
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _dec_step(x, p, rows, lut, i, words):  # pragma: no cover - compiled
+    """Pop one symbol of group lane i; returns (symbol, state, word position)."""
+    slot = x & _MASK
+    s = np.uint64(lut[np.uint64(i * _LUT) + np.uint64(slot >> _LUT_SHIFT)]) + np.uint64(i * _ROW)
+    s += np.uint64(rows[s + np.uint64(1)] <= slot)  # one boundary in the bucket
+    while rows[s + np.uint64(1)] <= slot:  # more (tails only); rows[A] = 2**14 ends it
+        s += np.uint64(1)
+    start = np.int64(rows[s])
+    x = (np.int64(rows[s + np.uint64(1)]) - start) * (x >> PREC_BITS) + slot - start
+    # Renormalise branch-free (whether a word is due is data-dependent): always
+    # load the next word (the words are padded, see decode_lanes), keep it if due.
+    need = x < STATE_LOW
+    word = np.int64(words[p])
+    x = ((x << 16) | word) if need else x
+    return np.int64(s) - i * _ROW, x, p + np.uint64(need)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -103,51 +157,53 @@ def decode_lanes(words, lane_start, lane_end, cdf, channels_per_lane, num_symbol
                  symct):  # pragma: no cover - compiled
     """Decode all lanes into ``symct`` ``[C, T]`` uint8; returns False on a damaged stream.
 
-    ``num_symbols`` bounds every channel's alphabet (it sets the search depth).
-
-    Lanes advance in lock-step (inner loop over lanes) so the CPU overlaps their
-    independent dependency chains.
+    ``words`` must extend at least ``cpl * T + 2`` words past the last lane's end (a
+    damaged lane reads on, at most one word per symbol, and is then rejected by the
+    final check: a lane's word position only grows). ``num_symbols`` bounds every
+    channel's alphabet. Lanes go in groups of four; a short last group decodes its
+    last lane more than once.
     """
     num_ch, num_tok = symct.shape
-    num_lanes = num_ch // channels_per_lane
-    first_step = 1  # binary search over the largest alphabet of any channel
-    while 2 * first_step < num_symbols:
-        first_step *= 2
-    x = np.empty(num_lanes, dtype=np.int64)
-    pos = np.empty(num_lanes, dtype=np.int64)
+    cpl = channels_per_lane
+    num_lanes = num_ch // cpl
     for lane in range(num_lanes):
-        p = lane_start[lane]
-        if lane_end[lane] - p < 2:
+        if lane_end[lane] - lane_start[lane] < 2:
             return False
-        x[lane] = (np.int64(words[p]) << 16) | np.int64(words[p + 1])
-        pos[lane] = p + 2
-    bad = np.int64(0)
-    for cbase in range(channels_per_lane):
-        for t in range(num_tok):
-            for lane in range(num_lanes):
-                c = lane * channels_per_lane + cbase
-                row = cdf[c]
-                xl = x[lane]
-                slot = xl & _MASK
-                s = _find_symbol(row, slot, first_step)
-                start = np.int64(row[s])
-                xl = (np.int64(row[s + 1]) - start) * (xl >> PREC_BITS) + slot - start
-                # Branch-free renormalisation (whether a word is due is data-dependent):
-                # always load the next word (clamped to the lane), keep it only if due.
-                need = np.int64(xl < STATE_LOW)
-                p = pos[lane]
-                last = lane_end[lane] - 1
-                word = np.int64(words[min(p, last)])
-                bad |= need & np.int64(p > last)
-                x[lane] = (xl << (need << 4)) | (word & -need)
-                pos[lane] = p + need
-                symct[c, t] = s
-    if bad:
-        return False
-    for lane in range(num_lanes):
-        if x[lane] != STATE_LOW or pos[lane] != lane_end[lane]:
-            return False
-    return True
+    rows = np.empty(_GROUP * _ROW, dtype=np.int32)
+    lut = np.empty(_GROUP * _LUT, dtype=np.uint8)
+    tmp = np.empty(_GROUP * num_tok, dtype=np.uint8)  # [T, 4]: one register addresses it
+    ok = True
+    for l0 in range(0, num_lanes, _GROUP):
+        last = min(_GROUP, num_lanes - l0) - 1
+        la, lb, lc, ld = l0, l0 + min(1, last), l0 + min(2, last), l0 + min(3, last)
+        p0, p1 = np.uint64(lane_start[la]), np.uint64(lane_start[lb])
+        p2, p3 = np.uint64(lane_start[lc]), np.uint64(lane_start[ld])
+        x0 = (np.int64(words[p0]) << 16) | np.int64(words[p0 + np.uint64(1)])
+        x1 = (np.int64(words[p1]) << 16) | np.int64(words[p1 + np.uint64(1)])
+        x2 = (np.int64(words[p2]) << 16) | np.int64(words[p2 + np.uint64(1)])
+        x3 = (np.int64(words[p3]) << 16) | np.int64(words[p3 + np.uint64(1)])
+        p0, p1, p2, p3 = p0 + np.uint64(2), p1 + np.uint64(2), p2 + np.uint64(2), p3 + np.uint64(2)
+        for cbase in range(cpl):
+            for i in range(_GROUP):
+                _load_channel(cdf[(l0 + min(i, last)) * cpl + cbase], num_symbols, rows, lut, i)
+            for t in range(num_tok):
+                s, x0, p0 = _dec_step(x0, p0, rows, lut, 0, words)
+                tmp[4 * t] = s
+                s, x1, p1 = _dec_step(x1, p1, rows, lut, 1, words)
+                tmp[4 * t + 1] = s
+                s, x2, p2 = _dec_step(x2, p2, rows, lut, 2, words)
+                tmp[4 * t + 2] = s
+                s, x3, p3 = _dec_step(x3, p3, rows, lut, 3, words)
+                tmp[4 * t + 3] = s
+            for i in range(last + 1):
+                dst = symct[(l0 + i) * cpl + cbase]
+                for t in range(num_tok):
+                    dst[t] = tmp[4 * t + i]
+        ok &= x0 == STATE_LOW and np.int64(p0) == lane_end[la]
+        ok &= x1 == STATE_LOW and np.int64(p1) == lane_end[lb]
+        ok &= x2 == STATE_LOW and np.int64(p2) == lane_end[lc]
+        ok &= x3 == STATE_LOW and np.int64(p3) == lane_end[ld]
+    return ok
 
 
 def encode_section_lanes(symct: np.ndarray, cdf: np.ndarray, channels_per_lane: int
@@ -159,8 +215,20 @@ def encode_section_lanes(symct: np.ndarray, cdf: np.ndarray, channels_per_lane: 
     out = np.empty((num_lanes, cap), dtype=np.uint16)
     lens = np.empty(num_lanes, dtype=np.int64)
     encode_lanes(symct, cdf, channels_per_lane, out, lens, _INV_FREQ)
-    words = np.concatenate([out[i, cap - lens[i]:] for i in range(num_lanes)])
+    words = np.empty(int(lens.sum()), dtype=np.uint16)
+    _concat_lanes(out, lens, words)
     return lens.astype(np.uint16), words
+
+
+@numba.njit(cache=True, nogil=True)
+def _concat_lanes(out, lens, words):  # pragma: no cover - compiled
+    """words = the tails ``out[l, cap - lens[l]:]`` of every lane, in lane order."""
+    cap = out.shape[1]
+    pos = 0
+    for lane in range(out.shape[0]):
+        n = lens[lane]
+        words[pos : pos + n] = out[lane, cap - n :]
+        pos += n
 
 
 def decode_section_lanes(words: np.ndarray, lane_words: np.ndarray, cdf: np.ndarray,
@@ -168,7 +236,18 @@ def decode_section_lanes(words: np.ndarray, lane_words: np.ndarray, cdf: np.ndar
                          num_symbols: int = MAX_SYMBOLS) -> np.ndarray | None:
     """Decode to ``[C, T]`` uint8 symbols, or None if the stream is damaged."""
     ends = np.cumsum(lane_words.astype(np.int64))
-    starts = ends - lane_words
+    return decode_flat(words, ends - lane_words, ends, cdf, channels_per_lane, num_tokens,
+                       num_symbols)
+
+
+def decode_flat(words: np.ndarray, lane_start: np.ndarray, lane_end: np.ndarray,
+                cdf: np.ndarray, channels_per_lane: int, num_tokens: int,
+                num_symbols: int = MAX_SYMBOLS) -> np.ndarray | None:
+    """Decode lanes given by word offsets (int64) into ``[C, T]`` uint8, or None if damaged."""
+    if lane_start.size and (lane_start.min() < 0 or lane_end.max() > words.shape[0]):
+        return None
     symct = np.empty((cdf.shape[0], num_tokens), dtype=np.uint8)
-    ok = decode_lanes(words, starts, ends, cdf, channels_per_lane, num_symbols, symct)
+    padded = np.zeros(words.shape[0] + channels_per_lane * num_tokens + 2, dtype=np.uint16)
+    padded[: words.shape[0]] = words
+    ok = decode_lanes(padded, lane_start, lane_end, cdf, channels_per_lane, num_symbols, symct)
     return symct if ok else None

@@ -87,7 +87,8 @@ def encode_section(x: np.ndarray, kind: int, num_symbols: int) -> bytes:
     head = _HEAD.pack(kind, num_symbols, cpl, 0, base)
     side = head + scales + mu.tobytes() + shape_scale.tobytes()
     pad = b"\0" * (len(side) & 1)
-    return b"".join([side, pad, lane_words.astype("<u2").tobytes(), words.astype("<u2").tobytes()])
+    return b"".join([side, pad, lane_words.astype("<u2", copy=False).tobytes(),
+                     words.astype("<u2", copy=False).tobytes()])
 
 
 def _round_down_f16(lo: np.ndarray) -> np.ndarray:

@@ -47,3 +47,20 @@ def test_fit_prefers_cheaper_params_than_a_flat_distribution() -> None:
     coded = -(hist * np.log2(freq / dist.PREC_TOTAL)).sum()
     empirical = -(hist * np.log2(np.maximum(hist, 1) / 256)).sum()
     assert coded < 1.05 * empirical + 64 * 4 and coded < hist.sum() * np.log2(15)
+
+
+def test_fit_candidate_pricing_matches_the_expanded_cdf_for_every_param() -> None:
+    # fit._gain prices a candidate from tables (weight totals, most likely symbol)
+    # without expanding its CDF; it must give exactly the bits of the CDF it stands for.
+    rng = np.random.default_rng(2)
+    for bins in (2, 3, 8, 15, 47, 95, 128):
+        mu = np.repeat(np.arange(0, 256, 5, dtype=np.uint8), 256 // 4 + 1)
+        ss = np.tile(np.arange(0, 256, 4, dtype=np.uint8), len(mu) // 64 + 1)[: len(mu)]
+        cdf = dist.expand_cdf(np, dist.WEIGHTS, mu, ss, bins)
+        hist = rng.integers(0, 300, (len(mu), bins)) * (rng.random((len(mu), bins)) < 0.6)
+        freq = np.diff(cdf, axis=1)[:, :bins]
+        want = (hist * fit._LOG2_FIXED[freq]).sum(1)
+        got = [fit._gain(dist.WEIGHTS, fit._PREFIX, fit._PLATEAU,
+                         int(dist.mu4_of(int(m), bins)), int(s), h, fit._LOG2_FIXED)
+               for m, s, h in zip(mu, ss, hist, strict=True)]
+        np.testing.assert_array_equal(np.array(got), want)

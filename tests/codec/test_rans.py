@@ -29,6 +29,36 @@ def test_round_trip_exact_for_shapes(channels: int, tokens: int, bins: int, cpl:
     np.testing.assert_array_equal(out, sym)
 
 
+@pytest.mark.parametrize(("channels", "cpl"), [(20, 4), (6, 2), (7, 1)])
+def test_round_trip_when_decoder_buckets_hold_many_symbols(channels: int, cpl: int) -> None:
+    # One dominant symbol and 127 of frequency 1..3: a 128-slot decoder bucket then
+    # holds up to ~100 symbol boundaries (the slow path), and lane counts 5, 3 and 7
+    # leave a partial group of four. Symbols are uniform, mostly in the tails.
+    rng = np.random.default_rng(3)
+    freq = rng.integers(1, 4, (channels, dist.MAX_SYMBOLS))
+    mode = rng.integers(0, dist.MAX_SYMBOLS, channels)
+    freq[np.arange(channels), mode] += dist.PREC_TOTAL - freq.sum(1)
+    cdf = np.zeros((channels, dist.MAX_SYMBOLS + 1), dtype=np.int32)
+    cdf[:, 1:] = np.cumsum(freq, 1)
+    sym = rng.integers(0, dist.MAX_SYMBOLS, (channels, 50)).astype(np.uint8)
+    sym[:, ::5] = mode[:, None]
+    lane_words, words = rans.encode_section_lanes(sym, cdf, cpl)
+    out = rans.decode_section_lanes(words, lane_words, cdf, cpl, 50)
+    assert out is not None
+    np.testing.assert_array_equal(out, sym)
+
+
+def test_encoder_float_division_is_exact_for_every_frequency() -> None:
+    # The encoder computes x // f as floor((x + 0.5) * (1/f)); check it at the edges
+    # of every quotient step it can meet (x < f << 18 before the division).
+    f = np.arange(1, dist.PREC_TOTAL + 1, dtype=np.int64)[:, None]
+    k = np.concatenate([np.arange(1, 9), (1 << 18) - np.arange(8)])[None, :]
+    x = np.concatenate([k * f - 1, k * f, k * f + f - 1], axis=1)
+    x = np.where(x < f << 18, x, (f << 18) - 1)
+    q = np.floor((x.astype(np.float64) + 0.5) * rans._INV_FREQ[f]).astype(np.int64)
+    np.testing.assert_array_equal(q, x // f)
+
+
 def test_decode_reports_damage_when_a_word_changes() -> None:
     sym, cdf = _symbols(32, 64, 9)
     lane_words, words = rans.encode_section_lanes(sym, cdf, 4)
