@@ -13,6 +13,8 @@ per-prompt ratios (median reported). One JSON line per method.
 
     python bench/bench_rag.py                          # 8 prompts, ratios 0.05,0.15,0.30
     python bench/bench_rag.py --prompts 1 --chunk-tokens 64 --answer-tokens 4   # smoke
+    python bench/bench_rag.py --held-out               # prompts the selection was not tuned on
+    python bench/bench_rag.py --query-aware            # build_cache(query_aware=True)
 """
 
 from __future__ import annotations
@@ -38,26 +40,40 @@ from kvstore.rag import build_cache, build_cache_naive  # noqa: E402
 
 PREFIX = "You are a helpful assistant. Answer the question using the documentation below.\n\n"
 QUESTION = "\n\nQuestion: According to the documentation above, what is '{topic}' about?\nAnswer:"
+# --held-out: prompts the methods were not tuned on (other passages, offsets and wording).
+HELD_OUT_PREFIX = "Use the following reference material to answer.\n\n"
+HELD_OUT_QUESTION = "\n\nQ: Explain '{topic}' based on the text above.\nA:"
+HELD_OUT_OFFSET = 128  # tokens skipped at the start of each passage
 
 
 def make_prompts(
-    tokenizer: Any, num_prompts: int, num_chunks: int, chunk_tokens: int
+    tokenizer: Any, num_prompts: int, num_chunks: int, chunk_tokens: int, held_out: bool = False
 ) -> list[dict]:
-    """Prompts of distinct pydoc topics; each topic's first ``chunk_tokens`` tokens is one chunk."""
+    """Prompts of distinct pydoc topics; each topic's first ``chunk_tokens`` tokens is one chunk.
+
+    ``held_out`` takes tokens ``HELD_OUT_OFFSET..`` of each topic instead, topics in
+    reverse order, another prefix and question.
+    """
     from pydoc_data.topics import topics
 
+    offset = HELD_OUT_OFFSET if held_out else 0
     passages = []
-    for name in sorted(topics):
+    for name in sorted(topics, reverse=held_out):
         ids = tokenizer(topics[name])["input_ids"]
-        if len(ids) >= chunk_tokens:
-            passages.append((name, ids[:chunk_tokens]))
+        if len(ids) >= offset + chunk_tokens:
+            passages.append((name, ids[offset : offset + chunk_tokens]))
     step = max(1, len(passages) // (num_prompts * num_chunks))
-    prefix = tokenizer(PREFIX)["input_ids"]
+    prefix = tokenizer(HELD_OUT_PREFIX if held_out else PREFIX)["input_ids"]
+    question = HELD_OUT_QUESTION if held_out else QUESTION
+    shift = 3 if held_out else 0  # held-out: other passages, and ask about another chunk
     prompts = []
     for p in range(num_prompts):
-        picked = [passages[(p * num_chunks + c) * step % len(passages)] for c in range(num_chunks)]
-        topic = picked[p % num_chunks][0]
-        query = tokenizer(QUESTION.format(topic=topic))["input_ids"]
+        picked = [
+            passages[((p * num_chunks + c) * step + shift) % len(passages)]
+            for c in range(num_chunks)
+        ]
+        topic = picked[(p + held_out) % num_chunks][0]
+        query = tokenizer(question.format(topic=topic))["input_ids"]
         prompts.append({"prefix": prefix, "chunks": [ids for _, ids in picked], "query": query})
     return prompts
 
@@ -98,17 +114,18 @@ def _full_prefill(model: Any, prompt: dict) -> None:
     model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
 
 
-def run_method(model: Any, client: Client, prompt: dict, ratio: float | None) -> tuple:
+def run_method(
+    model: Any, client: Client, prompt: dict, ratio: float | None, query_aware: bool = False
+) -> tuple:
     """(cache, logits, ttft_s, stats) of one method; ``ratio=None`` is the naive baseline."""
     args = (model, client, prompt["chunks"], prompt["query"])
     if ratio is None:
         build_cache_naive(*args, prefix=prompt["prefix"])  # stores the chunks, untimed
         (cache, logits), ttft = _timed(lambda: build_cache_naive(*args, prefix=prompt["prefix"]))
         return cache, logits, ttft, None
-    build_cache(*args, prefix=prompt["prefix"], recompute_ratio=ratio)
-    (cache, logits, stats), ttft = _timed(
-        lambda: build_cache(*args, prefix=prompt["prefix"], recompute_ratio=ratio)
-    )
+    kwargs = {"prefix": prompt["prefix"], "recompute_ratio": ratio, "query_aware": query_aware}
+    build_cache(*args, **kwargs)
+    (cache, logits, stats), ttft = _timed(lambda: build_cache(*args, **kwargs))
     return cache, logits, ttft, stats
 
 
@@ -134,10 +151,12 @@ def evaluate(model: Any, client: Client, prompt: dict, methods: list, args: Any)
     rows = {}
     for method in methods:
         _, full_s = _timed(lambda: _full_prefill(model, prompt))
-        cache, logits, ttft, stats = run_method(model, client, prompt, method)
+        cache, logits, ttft, stats = run_method(model, client, prompt, method, args.query_aware)
         got = _continue(model, cache, logits, answer)
         kl = F.kl_div(
-            F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True,
+            F.log_softmax(got, -1),
+            F.log_softmax(ref, -1),
+            log_target=True,
             reduction="batchmean",
         ).item()
         agree = (got.argmax(-1) == ref.argmax(-1)).tolist()
@@ -154,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", default="0.05,0.15,0.30")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
+    parser.add_argument("--held-out", action="store_true", help="prompts not used for tuning")
+    parser.add_argument("--query-aware", action="store_true", help="build_cache(query_aware=True)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2()
-    prompts = make_prompts(tokenizer, args.prompts, args.chunks, args.chunk_tokens)
+    prompts = make_prompts(tokenizer, args.prompts, args.chunks, args.chunk_tokens, args.held_out)
     methods: list[float | None] = [float(r) for r in args.ratios.split(",")] + [None]
     results: dict[float | None, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp) / "data") as address:
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_tokens": args.chunk_tokens,
         "answer_tokens": args.answer_tokens,
         "dtype": args.dtype,
+        "held_out": args.held_out,
         "prompt_tokens": len(prompts[0]["prefix"])
         + args.chunks * args.chunk_tokens
         + len(prompts[0]["query"]),
@@ -186,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         last = rs[-1]["stats"]
         summarize(
-            f"blend-{method:g}",
+            f"blend{'-query-aware' if args.query_aware else ''}-{method:g}",
             rs,
             {
                 "recompute_ratio": method,
+                "query_aware": args.query_aware,
                 "num_reused": last.num_reused,
                 "num_recomputed": last.num_recomputed,
                 "num_prefilled": last.num_prefilled,

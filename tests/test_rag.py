@@ -90,6 +90,7 @@ def _kl(ref: torch.Tensor, approx: torch.Tensor) -> float:
 class _Quality:
     agree: list[list[bool]]  # top-1 agreement at the default ratio, per prompt and answer token
     kl_blend: list[float]  # per prompt
+    kl_query_aware: list[float]
     kl_naive: list[float]
 
 
@@ -104,16 +105,19 @@ def shared_client(daemon) -> Iterator[Any]:
 def quality(shared_client) -> _Quality:
     model, tokenizer = smollm2()
     client = shared_client
-    result = _Quality([], [], [])
+    result = _Quality([], [], [], [])
     for index in range(NUM_PROMPTS):
         prefix, chunks, query = _prompt(tokenizer, index)
         answer, ref = _reference(model, prefix + sum(chunks, []) + query)
         cache, logits, _ = build_cache(model, client, chunks, query, prefix=prefix)
         blended = _continue(model, cache, logits, answer)
+        cache, logits, _ = build_cache(model, client, chunks, query, prefix, query_aware=True)
+        query_aware = _continue(model, cache, logits, answer)
         cache, logits = build_cache_naive(model, client, chunks, query, prefix=prefix)
         naive = _continue(model, cache, logits, answer)
         result.agree.append((blended.argmax(-1) == ref.argmax(-1)).tolist())
         result.kl_blend.append(_kl(ref, blended))
+        result.kl_query_aware.append(_kl(ref, query_aware))
         result.kl_naive.append(_kl(ref, naive))
     return result
 
@@ -148,8 +152,10 @@ def test_build_cache_agrees_on_top1_with_full_prefill_at_default_ratio(quality):
 @pytest.mark.slow
 def test_build_cache_beats_naive_concatenation_on_kl_to_full_prefill(quality):
     blend = sum(quality.kl_blend) / len(quality.kl_blend)
+    query_aware = sum(quality.kl_query_aware) / len(quality.kl_query_aware)
     naive = sum(quality.kl_naive) / len(quality.kl_naive)
     assert blend < 0.5 * naive, f"mean KL blend {blend:.4f} vs naive {naive:.4f}"
+    assert query_aware < 0.5 * naive, f"query-aware {query_aware:.4f} vs naive {naive:.4f}"
 
 
 @pytest.mark.model
@@ -199,6 +205,32 @@ def test_build_cache_equals_full_prefill_for_a_random_llama_at_ratio_one(daemon)
         )
     full = _full(model, [1, 2, 3] + sum(chunks, []) + query, [0])[-1]
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_blend_probe_reads_equal_the_models_attention_of_the_query_over_the_context():
+    from kvstore.integrations import _blend
+    from kvstore.integrations.transformers import kv_from_cache
+
+    model = tiny_llama()  # 4 query heads over 2 KV heads: checks the grouped-query mapping
+    model.set_attn_implementation("eager")  # eager returns its attention weights
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1))
+    num_ctx = 30
+    out = model(
+        input_ids=ids[None], use_cache=True, output_attentions=True, output_hidden_states=True
+    )
+    weights = out.attentions[1][0, :, num_ctx:, :num_ctx]  # layer 1: [heads, query, ctx]
+    want = (weights / weights.sum(-1, keepdim=True)).mean(dim=(0, 1))
+    # Exact context KV, so the probe sees what the full forward saw.
+    kv = kv_from_cache(out.cache, 0, len(ids), torch.float32)
+    kv[:, :, :, num_ctx:] = 0
+    cos_sin = model.model.rotary_emb(out.hidden_states[0], position_ids=torch.arange(40)[None])
+    query = torch.arange(num_ctx, len(ids))
+    _, reads = _blend._run_rows(
+        model, out.hidden_states[1][:, query], query, cos_sin, _blend._ScatterCache(kv), num_ctx
+    )
+    torch.testing.assert_close(reads, want, atol=1e-6, rtol=0)
+    assert reads.sum().item() == pytest.approx(1.0)
 
 
 def test_build_cache_rejects_model_with_unknown_rope_scaling(daemon):
