@@ -39,7 +39,7 @@ from kvstore.layout import KVLayout  # noqa: E402
 
 CHUNK = 256
 # (character offset into the sample text, prefix tokens); calibration (`kvstore
-# calibrate`) reads text at 60_000, which none of these overlaps.
+# calibrate`) reads text at calibrate.SAMPLE_OFFSETS, which none of these overlaps.
 PROMPTS = ((0, 1024), (150_000, 2048), (250_000, 1024), (350_000, 2048))
 Codec = tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray], Callable[[Any], int]]
 

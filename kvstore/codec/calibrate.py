@@ -1,18 +1,31 @@
 """Calibration tables: per-(layer group, K|V) bin counts of every kvq level, per model.
 
-``kvstore calibrate`` runs the model on sample text, measures how much each layer
-group's keys and values hurt the next-token distribution when quantised coarsely
-(KL divergence against the exact cache), and allocates bins greedily where they buy
-the most KL per bit until each level's KL target is met. Keys and values of
-different depths differ a lot (SmolLM2: keys of layers 15-24 cost 10-30x the KL of
-layers 0-4), so uniform bins waste bits.
+``kvstore calibrate`` runs the model on several samples of text and
+
+1. records the RMS post-RoPE query component every key channel meets (summed over
+   the query heads sharing the kv head): the encoder gives key channel c a step
+   proportional to 1 / weight[c] (section.py), since a key error reaches the logits
+   multiplied by the query. On SmolLM2 this cut the KL of quantised keys ~4x at
+   equal bits (the query RMS of a layer's channels spans ~10x, and the widest key
+   channels tend to meet the largest queries, so equal steps per range were the
+   wrong way round);
+2. measures how much each layer group's keys and values (quantised that way) hurt
+   the next-token distribution at REFERENCE_BINS (KL divergence against the exact
+   cache, averaged over the samples), and allocates bins greedily where they buy
+   the most KL per bit until each level's KL target is met (KL ∝ step**2);
+3. measures the KL of every level's whole allocation on the samples and, where it
+   misses the target, tightens that level's target by the miss and allocates again
+   once (groups' errors are not quite additive and step**2 is only approximate).
 
 A table is a JSON file, ``<user data dir>/kvstore/calibration/<model>-<id>.json``:
 
-    {"format": "kvq-calibration/1", "model": "smollm2-135m", "table_id": "<16 hex>",
+    {"format": "kvq-calibration/2", "model": "smollm2-135m", "table_id": "<16 hex>",
      "layout": {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64},
      "group_layers": 5, "sensitivity": {"k": [...], "v": [...]},
+     "key_weights": [[heads * head_dim weights] per layer],
      "levels": {"balanced": {"k": [bins per group], "v": [...]}, ...}}
+
+Version 1 tables (no key weights) are refused as Corrupt: re-run ``kvstore calibrate``.
 
 ``table_id`` is the xxh64 of the canonical JSON of everything else; objects record
 it in their meta area. Decoding never needs the table (bins travel per section).
@@ -27,6 +40,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import platformdirs
 import xxhash
 
@@ -36,10 +50,16 @@ from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
 
-TABLE_FORMAT = "kvq-calibration/1"
+TABLE_FORMAT = "kvq-calibration/2"
 KEY_LADDER = (5, 7, 9, 11, 13, 15, 17, 19, 23, 27, 31, 39, 47, 55, 63, 79, 95, 127)
 VALUE_LADDER = (3, 5, 7, 9, 11, 13, 15, 19, 23, 27, 31, 39, 47, 55, 63, 79, 95, 127)
 REFERENCE_BINS = (7, 5)  # (keys, values) bins at which sensitivity is measured
+# Sample text offsets (chars into the sample text): spread over the text, and clear
+# of the codec benchmark's prompts (bench/bench_codec.py PROMPTS).
+SAMPLE_OFFSETS = (30_000, 60_000, 110_000, 200_000)
+
+
+_WEIGHT_ARRAYS: dict[int, np.ndarray] = {}  # table_id -> key weights [layers, channels]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +70,16 @@ class CalibrationTable:
     head_dim: int
     group_layers: int  # consecutive layers sharing bins
     sensitivity: dict[str, list[float]]  # "k"/"v" -> KL (nats) per group at REFERENCE_BINS
+    key_weights: list[list[float]]  # per layer: RMS query per key channel (geo. mean 1)
     levels: dict[str, dict[str, list[int]]]  # level -> "k"/"v" -> bins per group
     table_id: int  # xxh64 of the canonical JSON body
+
+    def key_weights_of(self, layer: int) -> np.ndarray:
+        """Key channel weights ``[heads * head_dim]`` of a layer (see section.py)."""
+        arrays = _WEIGHT_ARRAYS.get(self.table_id)
+        if arrays is None:  # converted once per table: encoders ask per section
+            arrays = _WEIGHT_ARRAYS[self.table_id] = np.asarray(self.key_weights, np.float64)
+        return arrays[layer]
 
     def bins(self, level: str, layer: int, kv_index: int) -> int:
         """Bins for a (level, layer, K=0|V=1)."""
@@ -72,7 +100,7 @@ class CalibrationTable:
             "layout": {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                        "head_dim": self.head_dim},
             "group_layers": self.group_layers, "sensitivity": self.sensitivity,
-            "levels": self.levels,
+            "key_weights": self.key_weights, "levels": self.levels,
         }
 
 
@@ -80,13 +108,27 @@ def _id_of(body: dict) -> int:
     return xxhash.xxh64(json.dumps(body, sort_keys=True).encode()).intdigest()
 
 
+def normalise_weights(rms: np.ndarray) -> list[list[float]]:
+    """Per-layer key weights from RMS queries ``[layers, channels]``: floored at 1% of
+    the layer's largest (a channel no sample's query used still gets a finite step),
+    geometric mean 1, four significant digits."""
+    w = np.maximum(rms, 0.01 * rms.max(axis=1, keepdims=True))
+    w = w / np.exp(np.log(w).mean(axis=1, keepdims=True))
+    return [[float(f"{v:.4g}") for v in row] for row in w]
+
+
 def make_table(model: str, layout: KVLayout, group_layers: int,
-               sensitivity: dict[str, list[float]]) -> CalibrationTable:
-    """Allocate bins for every kvq level from measured group sensitivities."""
-    levels = {lv.name: allocate_bins(sensitivity, lv.target_kl, group_layers, layout.num_layers)
+               sensitivity: dict[str, list[float]], key_weights: list[list[float]],
+               targets: dict[str, float] | None = None) -> CalibrationTable:
+    """Allocate bins for every kvq level from measured group sensitivities.
+
+    ``targets`` overrides levels' KL targets (the second pass of calibration)."""
+    targets = targets or {}
+    levels = {lv.name: allocate_bins(sensitivity, targets.get(lv.name, lv.target_kl),
+                                     group_layers, layout.num_layers)
               for lv in LEVELS.values() if lv.level_id}
     table = CalibrationTable(model, layout.num_layers, layout.num_kv_heads, layout.head_dim,
-                             group_layers, sensitivity, levels, 0)
+                             group_layers, sensitivity, key_weights, levels, 0)
     return CalibrationTable(**{**{f: getattr(table, f) for f in table.__slots__},
                                "table_id": _id_of(table.body())})
 
@@ -153,13 +195,22 @@ def load_table(ref: str | Path) -> CalibrationTable:
     try:
         doc = json.loads(path.read_text())
         lay = doc["layout"]
+        if doc.get("format") != TABLE_FORMAT:
+            raise Corrupt(f"calibration table {path} has format {doc.get('format')!r}, "
+                          f"expected {TABLE_FORMAT!r}: re-run `kvstore calibrate`")
         table = CalibrationTable(doc["model"], lay["num_layers"], lay["num_kv_heads"],
                                  lay["head_dim"], doc["group_layers"], doc["sensitivity"],
-                                 doc["levels"], int(doc["table_id"], 16))
+                                 doc["key_weights"], doc["levels"], int(doc["table_id"], 16))
+        weights = np.asarray(table.key_weights, dtype=np.float64)
     except (ValueError, KeyError, TypeError) as e:
         raise Corrupt(f"calibration table {path} is malformed: {e}") from e
-    if doc.get("format") != TABLE_FORMAT or _id_of(table.body()) != table.table_id:
-        raise Corrupt(f"calibration table {path}: wrong format or id does not match contents")
+    if _id_of(table.body()) != table.table_id:
+        raise Corrupt(f"calibration table {path}: id does not match contents")
+    if (weights.shape != (table.num_layers, table.num_kv_heads * table.head_dim)
+            or not np.all(weights > 0) or not np.all(np.isfinite(weights))):
+        channels = table.num_kv_heads * table.head_dim
+        raise Corrupt(f"calibration table {path}: key weights are not "
+                      f"{table.num_layers} x {channels} positive numbers")
     return table
 
 
@@ -169,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
     p.add_argument("--prefix-tokens", type=int, default=1024, help="cached context length")
     p.add_argument("--eval-tokens", type=int, default=256, help="tokens scored after it")
-    p.add_argument("--offset", type=int, default=60_000, help="sample text offset (chars)")
+    p.add_argument("--offset", type=int, nargs="+", default=list(SAMPLE_OFFSETS),
+                   help="sample text offsets (chars), one sample each")
     p.add_argument("--group-layers", type=int, default=5, help="layers sharing bins")
     p.add_argument("--out", type=Path, default=None, help="table path (default: data dir)")
     args = p.parse_args(argv)
-    from kvstore.codec.calibrate_model import measure_sensitivity
+    from kvstore.codec.calibrate_model import calibrate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    layout, sens = measure_sensitivity(args.prefix_tokens, args.eval_tokens, args.offset,
-                                       args.group_layers)
-    table = make_table(args.model, layout, args.group_layers, sens)
+    table = calibrate(args.model, args.prefix_tokens, args.eval_tokens, args.offset,
+                      args.group_layers)
     path = save_table(table, args.out)
     print(f"calibration table {table.table_id:016x} written to {path}")  # CLI output
     for name, bins in table.levels.items():

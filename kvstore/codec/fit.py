@@ -32,41 +32,18 @@ def _mu4(mu, num_symbols):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _freqs(weights, mu4, shape_scale, num_symbols, freq):  # pragma: no cover - compiled
-    """Frequencies of one channel into freq[:A] (the integers of dist.expand_cdf)."""
-    shape = np.int64(shape_scale) >> 7
-    code = np.int64(shape_scale) & 127
-    total = np.int64(0)
-    top = 0
-    wtop = np.int64(-1)
-    for k in range(num_symbols):
-        w = np.int64(weights[shape, code, min(abs(4 * k - mu4), weights.shape[2] - 1)])
-        freq[k] = w
-        total += w
-        if w > wtop:
-            wtop = w
-            top = k
-    # freq = 1 + w * (2**14 - A) // total, the division as a float64 multiply (64-bit
-    # division costs ~6x more here): the quotient is < 2**14, (n + 0.5) / total is at
-    # least 2**-24 away from an integer and the float64 error below 2**-37, so
-    # truncating (n + 0.5) * (1 / total) gives the exact floor.
-    inv = 1.0 / np.float64(total)
-    spread = PREC_TOTAL - num_symbols
-    acc = np.int64(0)
-    for k in range(num_symbols):
-        f = 1 + np.int64((np.float64(freq[k] * spread) + 0.5) * inv)
-        freq[k] = f
-        acc += f
-    freq[top] += PREC_TOTAL - acc
+def _gain(weights, prefix, plateau, mu4, shape_scale, hist, first, end,
+          log2_fixed):  # pragma: no cover
+    """sum(hist * log2(freq)) in 2**-32 bits for the frequencies expand_row would give.
 
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _gain(weights, prefix, plateau, mu4, shape_scale, hist, log2_fixed):  # pragma: no cover
-    """sum(hist * log2(freq)) in 2**-32 bits for the frequencies _freqs would give.
-
-    The same integers as _freqs in one pass over the alphabet: the weight total and
-    the symbol taking the leftover come from tables (_weight_tables), and the sum is
-    in fixed point.
+    One pass over the symbols that occur, ``[first, end)``: the weight total comes
+    from prefix sums, the symbol taking the leftover from the weight plateau, and the
+    sum is in fixed point. The leftover (2**14 minus the rounded-down frequencies)
+    is exact over the occurring symbols and estimated over the others (each rounds
+    down by half a unit on average): it only re-prices the most likely symbol's
+    term, and the price only ranks candidates, so the decoder is unaffected.
+    Weighted key sections (section.py) use large alphabets of which a channel
+    occupies a few symbols; this keeps fitting proportional to what occurs.
     """
     num_symbols = hist.shape[0]
     shape = np.int64(shape_scale) >> 7
@@ -90,15 +67,20 @@ def _gain(weights, prefix, plateau, mu4, shape_scale, hist, log2_fixed):  # prag
     inv = 1.0 / np.float64(total)
     spread = PREC_TOTAL - num_symbols
     acc = np.int64(0)
+    wsum = np.int64(0)
     gain = np.int64(0)
-    for k in range(num_symbols):
+    for k in range(first, end):
         w = np.int64(wrow[abs(4 * k - mu4)])
         f = 1 + np.int64((np.float64(w * spread) + 0.5) * inv)
         acc += f
+        wsum += w
         gain += hist[k] * log2_fixed[f]
+    others = num_symbols - (end - first)
+    acc += others + np.int64(np.float64((total - wsum) * spread) * inv - 0.5 * others + 0.5)
     ftop = 1 + np.int64((np.float64(np.int64(wrow[dmin]) * spread) + 0.5) * inv)
+    leftover = min(max(PREC_TOTAL - acc, 0), PREC_TOTAL - ftop)
     # the leftover goes to the top symbol: re-price that one term
-    return gain + hist[top] * (log2_fixed[ftop + PREC_TOTAL - acc] - log2_fixed[ftop])
+    return gain + hist[top] * (log2_fixed[ftop + leftover] - log2_fixed[ftop])
 
 
 def _weight_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -119,23 +101,50 @@ assert (np.diff(WEIGHTS, axis=2) <= 0).all(), "weights must not grow with distan
 
 
 @numba.njit(cache=True, nogil=True)
-def expand_row(weights, mu, shape_scale, num_symbols, row, freq):  # pragma: no cover
-    """One channel's CDF into ``row`` [MAX_SYMBOLS + 1] (same integers as dist.expand_cdf)."""
-    _freqs(weights, _mu4(mu, num_symbols), shape_scale, num_symbols, freq)
+def expand_row(weights, prefix, plateau, mu, shape_scale, num_symbols, row):  # pragma: no cover
+    """One channel's CDF into ``row`` [MAX_SYMBOLS + 1] (same integers as dist.expand_cdf).
+
+    One pass over the alphabet: the weight total and the most likely symbol come from
+    the tables, as in _gain (the large alphabets of weighted key sections made the
+    passes count).
+    """
+    mu4 = _mu4(mu, num_symbols)
+    shape = np.int64(shape_scale) >> 7
+    code = np.int64(shape_scale) & 127
+    wrow = weights[shape, code]
+    k0 = mu4 >> 2
+    rl = mu4 & 3
+    right = num_symbols - 1 - k0
+    total = prefix[shape, code, rl, k0 + 1]
+    if rl:
+        total += prefix[shape, code, 4 - rl, right]
+    else:
+        total += prefix[shape, code, 0, right + 1] - prefix[shape, code, 0, 1]
+    dmin = min(rl, 4 - rl)
+    reach = plateau[shape, code, dmin]
+    top = max(0, (mu4 - reach + 3) >> 2) if rl <= reach else k0 + 1
+    # freq = 1 + w * (2**14 - A) // total, the division as a float64 multiply (64-bit
+    # division costs ~6x more here): the quotient is < 2**14, (n + 0.5) / total is at
+    # least 2**-24 away from an integer and the float64 error below 2**-37, so
+    # truncating (n + 0.5) * (1 / total) gives the exact floor.
+    inv = 1.0 / np.float64(total)
+    spread = PREC_TOTAL - num_symbols
     row[0] = 0
-    acc = 0
+    acc = np.int64(0)
     for k in range(num_symbols):
-        acc += freq[k]
+        acc += 1 + np.int64((np.float64(np.int64(wrow[abs(4 * k - mu4)]) * spread) + 0.5) * inv)
         row[k + 1] = acc
+    leftover = PREC_TOTAL - acc  # goes to the most likely symbol
+    for k in range(top + 1, num_symbols + 1):
+        row[k] += leftover
     for k in range(num_symbols + 1, row.shape[0]):
         row[k] = PREC_TOTAL
 
 
 @numba.njit(cache=True, nogil=True)
-def expand_cdfs(weights, mu, shape_scale, num_symbols, cdf):  # pragma: no cover
-    freq = np.empty(cdf.shape[1] - 1, dtype=np.int64)
+def expand_cdfs(weights, prefix, plateau, mu, shape_scale, num_symbols, cdf):  # pragma: no cover
     for c in range(mu.shape[0]):
-        expand_row(weights, mu[c], shape_scale[c], num_symbols, cdf[c], freq)
+        expand_row(weights, prefix, plateau, mu[c], shape_scale[c], num_symbols, cdf[c])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -143,14 +152,19 @@ def fit_channels(hist, weights, prefix, plateau, log2_fixed, mu_out, ss_out,
                  cdf):  # pragma: no cover - compiled
     """Per channel: location from the mean, then the cheapest of 3 scale codes per shape."""
     num_ch, num_symbols = hist.shape
-    freq = np.empty(cdf.shape[1] - 1, dtype=np.int64)
     span = max(num_symbols - 1, 1)
     for c in range(num_ch):
         # Moments as integer sums: no int-to-float conversion per term, and every
         # partial sum is an integer below 2**53, so they equal the float sums exactly.
+        first = 0
+        while first < num_symbols - 1 and hist[c, first] == 0:
+            first += 1
+        end = num_symbols
+        while end > first + 1 and hist[c, end - 1] == 0:
+            end -= 1
         count = np.int64(0)
         m1 = np.int64(0)
-        for k in range(num_symbols):
+        for k in range(first, end):
             count += hist[c, k]
             m1 += hist[c, k] * k
         n = max(np.float64(count), 1.0)
@@ -158,7 +172,7 @@ def fit_channels(hist, weights, prefix, plateau, log2_fixed, mu_out, ss_out,
         mu4 = _mu4(mu, num_symbols)
         mad4 = np.int64(0)  # sum of hist * distance, in quarter symbols
         var16 = np.int64(0)
-        for k in range(num_symbols):
+        for k in range(first, end):
             d4 = abs(4 * k - mu4)
             mad4 += hist[c, k] * d4
             var16 += hist[c, k] * d4 * d4
@@ -171,13 +185,14 @@ def fit_channels(hist, weights, prefix, plateau, log2_fixed, mu_out, ss_out,
             for delta in (-1, 0, 1):
                 code = min(max(center + delta, 0), 127)
                 ss = (shape << 7) | code
-                gain = _gain(weights, prefix, plateau, mu4, ss, hist[c], log2_fixed)
+                gain = _gain(weights, prefix, plateau, mu4, ss, hist[c], first, end,
+                             log2_fixed)
                 if gain > best_gain:
                     best_gain = gain
                     best = ss
         mu_out[c] = mu
         ss_out[c] = best
-        expand_row(weights, mu, best, num_symbols, cdf[c], freq)
+        expand_row(weights, prefix, plateau, mu, best, num_symbols, cdf[c])
 
 
 def fit_and_expand(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -192,5 +207,5 @@ def fit_and_expand(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def expand(mu: np.ndarray, shape_scale: np.ndarray, num_symbols: int) -> np.ndarray:
     cdf = np.empty((mu.shape[0], MAX_SYMBOLS + 1), dtype=np.int32)
-    expand_cdfs(WEIGHTS, mu, shape_scale, num_symbols, cdf)
+    expand_cdfs(WEIGHTS, _PREFIX, _PLATEAU, mu, shape_scale, num_symbols, cdf)
     return cdf

@@ -56,7 +56,8 @@ def encode_kvq(kv: np.ndarray, layout: KVLayout, level: Level,
         for kv_index, kind in ((0, sec.KIND_KEYS), (1, vkind)):
             bins = table.bins(level.name, layer, kv_index) if table else (
                 level.key_bins if kv_index == 0 else level.value_bins)
-            sections.append(sec.encode_section(x[layer, kv_index], kind, bins))
+            weights = table.key_weights_of(layer) if table and kv_index == 0 else None
+            sections.append(sec.encode_section(x[layer, kv_index], kind, bins, weights))
     meta = _META.pack(META_MAGIC, 0, table.table_id if table else 0)
     return pack_object(
         codec_id=CodecId.KVQ, codec_level=level.level_id, dtype=layout.dtype,

@@ -27,9 +27,9 @@ class Level:
 
 _LEVELS = (
     Level("raw", 0, 0, 0, 0.0, "fp16/bf16 bytes, bit-exact"),
-    Level("near-lossless", 1, 47, 23, 0.0012, "about 4.5 bits/element, ppl within ~0.3%"),
+    Level("near-lossless", 1, 47, 23, 0.0008, "about 4.4 bits/element calibrated, ppl +0.1% mean"),
     Level("high", 2, 23, 11, 0.004, "about 3.6 bits/element, ppl within ~1%"),
-    Level("balanced", 3, 15, 9, 0.013, "about 2.85 bits/element calibrated, ppl within ~1.5%"),
+    Level("balanced", 3, 15, 9, 0.0095, "about 2.75 bits/element calibrated, ppl within ~1.5%"),
     Level("compact", 4, 11, 7, 0.02, "about 2.6 bits/element, ppl +3%"),
     Level("aggressive", 5, 7, 5, 0.035, "about 2.3 bits/element, visible quality loss"),
 )

@@ -10,7 +10,9 @@ step per head (no per-channel ranges) was far worse (+16% at 2.56 bits).
 
 Side information is a float32 base per section plus one byte per scale: the scale
 is ``base * 2**(-code/16)`` (``RATIO[code]``, a constant table), rounded so it
-always covers the data (no clipping). Key minima are float16, rounded down.
+always covers the data (no clipping). Key minima are float16, rounded down. With a
+calibration table the key ranges handed to quantize_keys are widened per channel
+(weighted_key_ranges) so that steps follow the queries; the decoder cannot tell.
 
 Symbols come out ``[channels, tokens]`` uint8 (channel = head * head_dim + d), the
 order the lane coder takes, with per-channel histograms for fitting distributions
@@ -83,6 +85,27 @@ def quantize_keys(x, lo, hi, num_symbols, symct, hist, codes):  # pragma: no cov
                 symct[c, t] = min(max(q, np.int32(0)), np.int32(top))
     _histogram(symct, hist)
     return base
+
+
+@numba.njit(cache=True, nogil=True)
+def weighted_key_ranges(lo, hi, weights, num_symbols, max_symbols, out):  # pragma: no cover
+    """Steps proportional to 1 / weights with the geometric mean of the unweighted
+    ones (range / (num_symbols - 1)); writes each channel's maximum (lo + its range)
+    into out and returns the alphabet covering the widest channel (<= max_symbols;
+    channels needing more keep their own range, unclipped)."""
+    num_ch = lo.shape[0]
+    log_ratio = 0.0  # mean of log(span) - log(1 / weight)
+    for c in range(num_ch):
+        log_ratio += np.log(max(np.float64(hi[c]) - lo[c], 1e-30)) + np.log(weights[c])
+    unit = np.exp(log_ratio / num_ch) / (num_symbols - 1)
+    need = 0.0
+    for c in range(num_ch):
+        need = max(need, (max(np.float64(hi[c]) - lo[c], 1e-30)) * weights[c] / unit)
+    symbols = min(max_symbols, max(2, int(np.ceil(need)) + 1))
+    for c in range(num_ch):
+        span = max(np.float64(hi[c]) - lo[c], unit / weights[c] * (symbols - 1))
+        out[c] = np.float32(lo[c] + span)
+    return symbols
 
 
 @numba.njit(cache=True, nogil=True)

@@ -8,7 +8,8 @@ Byte layout (little-endian), C = heads * head_dim channels, N = C / cpl lanes:
     1      1         num_symbols       alphabet size A, 2..128 (odd for values)
     2      1         channels_per_lane cpl; lane l codes channels [l*cpl, (l+1)*cpl)
     3      1         reserved          0
-    4      4         base              f32 largest channel range (keys) / token max-abs (values)
+    4      4         base              f32 largest channel range (keys; with query-weighted
+                                       steps, the widest channel's grid) / token max-abs (values)
     8      2C + C    keys: f16 channel minima, u8 range codes (range = base * 2**(-code/16))
            H*T       values: u8 scale codes per (head, token)
     ...    C         mu                distribution location per channel (dist.py)
@@ -54,8 +55,20 @@ def _side_bytes(kind: int, heads: int, tokens: int, dim: int) -> int:
     return size + (size & 1)
 
 
-def encode_section(x: np.ndarray, kind: int, num_symbols: int) -> bytes:
-    """Encode x ``[heads, tokens, head_dim]`` float32 as one section."""
+def encode_section(x: np.ndarray, kind: int, num_symbols: int,
+                   key_weights: np.ndarray | None = None) -> bytes:
+    """Encode x ``[heads, tokens, head_dim]`` float32 as one section.
+
+    ``key_weights`` (keys only, ``[heads * head_dim]``, from a calibration table):
+    the RMS query component each key channel meets. Without them every channel gets
+    ``num_symbols - 1`` steps over its range; with them channel c gets a step
+    proportional to ``1 / key_weights[c]`` (the logit error a channel adds is its
+    step times the query it meets, so equal weighted steps minimise the logit error
+    at a given bit count), scaled so that the geometric mean step is the unweighted
+    one, and the section's alphabet grows to cover the widest channel (at most
+    128 symbols). Only the encoder's choice of ranges and alphabet changes: the
+    bytes decode as any other section.
+    """
     heads, tokens, dim = x.shape
     if not 2 <= num_symbols <= dist.MAX_SYMBOLS:
         raise InvalidArgument(f"bins must be in [2, {dist.MAX_SYMBOLS}], got {num_symbols}")
@@ -65,17 +78,20 @@ def encode_section(x: np.ndarray, kind: int, num_symbols: int) -> bytes:
         raise InvalidArgument(f"kvq objects hold at most {MAX_TOKENS} tokens, got {tokens}")
     channels = heads * dim
     symct = np.empty((channels, tokens), dtype=np.uint8)
-    hist = np.empty((channels, num_symbols), dtype=np.int64)
     if kind == KIND_KEYS:
         lo = np.empty(channels, dtype=np.float32)
         hi = np.empty(channels, dtype=np.float32)
         quant.channel_ranges(x, lo, hi)
         mins = _round_down_f16(lo)
+        lo = mins.astype(np.float32)
+        if key_weights is not None:
+            num_symbols, hi = _weighted_ranges(lo, hi, num_symbols, key_weights)
+        hist = np.empty((channels, num_symbols), dtype=np.int64)
         codes = np.empty(channels, dtype=np.uint8)
-        base = quant.quantize_keys(x, mins.astype(np.float32), hi, num_symbols, symct, hist,
-                                   codes)
+        base = quant.quantize_keys(x, lo, hi, num_symbols, symct, hist, codes)
         scales = mins.tobytes() + codes.tobytes()
     else:
+        hist = np.empty((channels, num_symbols), dtype=np.int64)
         codes = np.empty(heads * tokens, dtype=np.uint8)
         base = quant.quantize_values(x, num_symbols, kind == KIND_VALUES, symct, hist, codes)
         scales = codes.tobytes()
@@ -89,6 +105,17 @@ def encode_section(x: np.ndarray, kind: int, num_symbols: int) -> bytes:
     pad = b"\0" * (len(side) & 1)
     return b"".join([side, pad, lane_words.astype("<u2", copy=False).tobytes(),
                      words.astype("<u2", copy=False).tobytes()])
+
+
+def _weighted_ranges(lo: np.ndarray, hi: np.ndarray, num_symbols: int,
+                     key_weights: np.ndarray) -> tuple[int, np.ndarray]:
+    """Alphabet and per-channel maxima giving steps proportional to 1 / key_weights."""
+    if (key_weights.shape != lo.shape or not np.all(key_weights > 0)
+            or not np.all(np.isfinite(key_weights))):
+        raise InvalidArgument(f"key weights must be {lo.shape[0]} positive numbers")
+    out = np.empty_like(hi)
+    symbols = quant.weighted_key_ranges(lo, hi, key_weights, num_symbols, dist.MAX_SYMBOLS, out)
+    return symbols, out
 
 
 def _round_down_f16(lo: np.ndarray) -> np.ndarray:
