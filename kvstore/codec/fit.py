@@ -32,20 +32,9 @@ def _mu4(mu, num_symbols):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gain(weights, prefix, plateau, mu4, shape_scale, hist, first, end,
-          log2_fixed):  # pragma: no cover
-    """sum(hist * log2(freq)) in 2**-32 bits for the frequencies expand_row would give.
-
-    One pass over the symbols that occur, ``[first, end)``: the weight total comes
-    from prefix sums, the symbol taking the leftover from the weight plateau, and the
-    sum is in fixed point. The leftover (2**14 minus the rounded-down frequencies)
-    is exact over the occurring symbols and estimated over the others (each rounds
-    down by half a unit on average): it only re-prices the most likely symbol's
-    term, and the price only ranks candidates, so the decoder is unaffected.
-    Weighted key sections (section.py) use large alphabets of which a channel
-    occupies a few symbols; this keeps fitting proportional to what occurs.
-    """
-    num_symbols = hist.shape[0]
+def _row_total_top(weights, prefix, plateau, mu4, shape_scale, num_symbols):  # pragma: no cover
+    """(weight row, weight total over the alphabet, first most likely symbol, its
+    distance) of one channel's distribution, from the prefix/plateau tables."""
     shape = np.int64(shape_scale) >> 7
     code = np.int64(shape_scale) & 127
     wrow = weights[shape, code]
@@ -64,6 +53,26 @@ def _gain(weights, prefix, plateau, mu4, shape_scale, hist, first, end,
     dmin = min(rl, 4 - rl)
     reach = plateau[shape, code, dmin]
     top = max(0, (mu4 - reach + 3) >> 2) if rl <= reach else k0 + 1
+    return wrow, total, top, dmin
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gain(weights, prefix, plateau, mu4, shape_scale, hist, first, end,
+          log2_fixed):  # pragma: no cover
+    """sum(hist * log2(freq)) in 2**-32 bits for the frequencies expand_row would give.
+
+    One pass over the symbols that occur, ``[first, end)``: the weight total comes
+    from prefix sums, the symbol taking the leftover from the weight plateau, and the
+    sum is in fixed point. The leftover (2**14 minus the rounded-down frequencies)
+    is exact over the occurring symbols and estimated over the others (each rounds
+    down by half a unit on average): it only re-prices the most likely symbol's
+    term, and the price only ranks candidates, so the decoder is unaffected.
+    Weighted key sections (section.py) use large alphabets of which a channel
+    occupies a few symbols; this keeps fitting proportional to what occurs.
+    """
+    num_symbols = hist.shape[0]
+    wrow, total, top, dmin = _row_total_top(weights, prefix, plateau, mu4, shape_scale,
+                                            num_symbols)
     inv = 1.0 / np.float64(total)
     spread = PREC_TOTAL - num_symbols
     acc = np.int64(0)
@@ -109,20 +118,8 @@ def expand_row(weights, prefix, plateau, mu, shape_scale, num_symbols, row):  # 
     passes count).
     """
     mu4 = _mu4(mu, num_symbols)
-    shape = np.int64(shape_scale) >> 7
-    code = np.int64(shape_scale) & 127
-    wrow = weights[shape, code]
-    k0 = mu4 >> 2
-    rl = mu4 & 3
-    right = num_symbols - 1 - k0
-    total = prefix[shape, code, rl, k0 + 1]
-    if rl:
-        total += prefix[shape, code, 4 - rl, right]
-    else:
-        total += prefix[shape, code, 0, right + 1] - prefix[shape, code, 0, 1]
-    dmin = min(rl, 4 - rl)
-    reach = plateau[shape, code, dmin]
-    top = max(0, (mu4 - reach + 3) >> 2) if rl <= reach else k0 + 1
+    wrow, total, top, _ = _row_total_top(weights, prefix, plateau, mu4, shape_scale,
+                                         num_symbols)
     # freq = 1 + w * (2**14 - A) // total, the division as a float64 multiply (64-bit
     # division costs ~6x more here): the quotient is < 2**14, (n + 0.5) / total is at
     # least 2**-24 away from an integer and the float64 error below 2**-37, so
