@@ -2,7 +2,8 @@
 
 protobuf's Python runtime (upb) serialises a message holding a large ``bytes``
 field slowly: measured here, ``GetResponse.SerializeToString`` of one 196 KiB
-layer takes 190–330 µs (0.6–1 GB/s) while joining the same bytes takes 9 µs.
+layer takes 280–330 µs (0.6–0.7 GB/s) while framing it by hand takes 7–8 µs
+(`python bench/bench_micro.py`, row "frame").
 At the streamed path's message rate that was most of the daemon's time per
 message, so these two messages are framed by hand: the small fields go through
 protobuf as usual and the payload is appended as one length-delimited field.
