@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +58,33 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
             str(src.parent), gguf_file=src.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        tmp = cached.with_name(cached.name + ".tmp")
+        # A private scratch folder per call: processes converting at the same time
+        # (a bench beside a test run) never write into each other's files.
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cached.name + ".", dir=cached.parent))
         # save_pretrained refuses GGUF-loaded models; the weights are plain float
         # tensors after dequantization, so write them and the config directly.
-        tmp.mkdir(parents=True, exist_ok=True)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        tmp.rename(cached)
+        publish_conversion(tmp, cached)
     model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(cached))
     model.eval()
     return model, tokenizer
+
+
+def publish_conversion(tmp: Path, cached: Path) -> None:
+    """Move a finished conversion into place; when another process got there first,
+    keep theirs (the same weights) and drop ours."""
+    try:
+        tmp.rename(cached)
+    except OSError:
+        if not (cached / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sample_text(num_chars: int = 200_000, offset: int = 0) -> str:
