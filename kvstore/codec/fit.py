@@ -3,9 +3,9 @@
 ``expand_cdf`` here computes exactly the integers of ``dist.expand_cdf`` (a test
 compares them); numpy's vectorised version costs ~0.25 ms per section and the
 candidate search of fitting ~8 ms, against a budget of ~0.4 ms for the whole
-section at 250 MB/s. Fitting prices six candidates per channel; each costs one pass
-over the alphabet (``_gain``: weight totals from prefix sums, integer bit counts,
-divisions as exact float multiplies): ~0.13 ms per section at near-lossless bins.
+section at 250 MB/s. Fitting picks the shape from the histogram's moments and prices
+three scale codes in one pass over the occurring symbols (``_gains3``: weight totals
+from prefix sums, integer bit counts, divisions as exact float multiplies).
 
 Sizes come from the arrays (``weights.shape``, ``row.shape``), not from imported
 module constants: numba's on-disk cache freezes globals at compile time and does
@@ -23,7 +23,13 @@ from kvstore.codec.dist import MAX_SYMBOLS, PREC_TOTAL, WEIGHTS
 # rounding depends on it) and cannot overflow (65000 tokens * 14 bits * 2**32 < 2**63).
 _LOG2_FIXED = np.rint(np.log2(np.maximum(np.arange(PREC_TOTAL + 1, dtype=np.float64), 1.0))
                       * 2.0**32).astype(np.int64)
-_SCORE_DELTAS = (-1, 0, 1)
+# mad/std below this picks the Laplace shape (0.707 for a Laplace, 0.798 for a
+# Gaussian); 0.775 gave the fewest bits on SmolLM2 KV (sweep in docs/design.md §3).
+_LAPLACE_BELOW = 0.775
+# Channels occupying at most this many symbols price both shapes (6 codes): they
+# cost little to price, and small alphabets (the compact levels) are where the
+# shape guess misses most (aggressive+cal: +4% bits when guessing everywhere).
+_PRICE_BOTH_UP_TO = 12
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -57,13 +63,24 @@ def _row_total_top(weights, prefix, plateau, mu4, shape_scale, num_symbols):  # 
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _gain(weights, prefix, plateau, mu4, shape_scale, hist, first, end,
-          log2_fixed):  # pragma: no cover
-    """sum(hist * log2(freq)) in 2**-32 bits for the frequencies expand_row would give.
+def _finish_gain(wrow, total, top, dmin, acc, wsum, gain, inv, others, hist, spread,
+                 log2_fixed):  # pragma: no cover - compiled
+    """Add the leftover's re-pricing of the most likely symbol to one candidate's gain."""
+    acc += others + np.int64(np.float64((total - wsum) * spread) * inv - 0.5 * others + 0.5)
+    ftop = 1 + np.int64((np.float64(np.int64(wrow[dmin]) * spread) + 0.5) * inv)
+    leftover = min(max(PREC_TOTAL - acc, 0), PREC_TOTAL - ftop)
+    return gain + hist[top] * (log2_fixed[ftop + leftover] - log2_fixed[ftop])
 
-    One pass over the symbols that occur, ``[first, end)``: the weight total comes
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gains3(weights, prefix, plateau, mu4, shape, center, hist, first, end,
+            log2_fixed):  # pragma: no cover - compiled
+    """sum(hist * log2(freq)) in 2**-32 bits for scale codes center-1, center, center+1.
+
+    One pass over the symbols that occur, ``[first, end)``, pricing the three
+    candidates side by side (one pass each cost ~40% more): the weight totals come
     from prefix sums, the symbol taking the leftover from the weight plateau, and the
-    sum is in fixed point. The leftover (2**14 minus the rounded-down frequencies)
+    sums are in fixed point. The leftover (2**14 minus the rounded-down frequencies)
     is exact over the occurring symbols and estimated over the others (each rounds
     down by half a unit on average): it only re-prices the most likely symbol's
     term, and the price only ranks candidates, so the decoder is unaffected.
@@ -71,25 +88,36 @@ def _gain(weights, prefix, plateau, mu4, shape_scale, hist, first, end,
     occupies a few symbols; this keeps fitting proportional to what occurs.
     """
     num_symbols = hist.shape[0]
-    wrow, total, top, dmin = _row_total_top(weights, prefix, plateau, mu4, shape_scale,
-                                            num_symbols)
-    inv = 1.0 / np.float64(total)
     spread = PREC_TOTAL - num_symbols
-    acc = np.int64(0)
-    wsum = np.int64(0)
-    gain = np.int64(0)
+    base = shape << 7
+    w0, t0, top0, dmin = _row_total_top(weights, prefix, plateau, mu4, base | (center - 1),
+                                        num_symbols)
+    w1, t1, top1, _ = _row_total_top(weights, prefix, plateau, mu4, base | center,
+                                     num_symbols)
+    w2, t2, top2, _ = _row_total_top(weights, prefix, plateau, mu4, base | (center + 1),
+                                     num_symbols)
+    i0, i1, i2 = 1.0 / np.float64(t0), 1.0 / np.float64(t1), 1.0 / np.float64(t2)
+    a0 = a1 = a2 = s0 = s1 = s2 = g0 = g1 = g2 = np.int64(0)
     for k in range(first, end):
-        w = np.int64(wrow[abs(4 * k - mu4)])
-        f = 1 + np.int64((np.float64(w * spread) + 0.5) * inv)
-        acc += f
-        wsum += w
-        gain += hist[k] * log2_fixed[f]
+        d = abs(4 * k - mu4)
+        h = hist[k]
+        x0, x1, x2 = np.int64(w0[d]), np.int64(w1[d]), np.int64(w2[d])
+        f0 = 1 + np.int64((np.float64(x0 * spread) + 0.5) * i0)
+        f1 = 1 + np.int64((np.float64(x1 * spread) + 0.5) * i1)
+        f2 = 1 + np.int64((np.float64(x2 * spread) + 0.5) * i2)
+        a0 += f0
+        a1 += f1
+        a2 += f2
+        s0 += x0
+        s1 += x1
+        s2 += x2
+        g0 += h * log2_fixed[f0]
+        g1 += h * log2_fixed[f1]
+        g2 += h * log2_fixed[f2]
     others = num_symbols - (end - first)
-    acc += others + np.int64(np.float64((total - wsum) * spread) * inv - 0.5 * others + 0.5)
-    ftop = 1 + np.int64((np.float64(np.int64(wrow[dmin]) * spread) + 0.5) * inv)
-    leftover = min(max(PREC_TOTAL - acc, 0), PREC_TOTAL - ftop)
-    # the leftover goes to the top symbol: re-price that one term
-    return gain + hist[top] * (log2_fixed[ftop + leftover] - log2_fixed[ftop])
+    return (_finish_gain(w0, t0, top0, dmin, a0, s0, g0, i0, others, hist, spread, log2_fixed),
+            _finish_gain(w1, t1, top1, dmin, a1, s1, g1, i1, others, hist, spread, log2_fixed),
+            _finish_gain(w2, t2, top2, dmin, a2, s2, g2, i2, others, hist, spread, log2_fixed))
 
 
 def _weight_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +175,8 @@ def expand_cdfs(weights, prefix, plateau, mu, shape_scale, num_symbols, cdf):  #
 @numba.njit(cache=True, nogil=True)
 def fit_channels(hist, weights, prefix, plateau, log2_fixed, mu_out, ss_out,
                  cdf):  # pragma: no cover - compiled
-    """Per channel: location from the mean, then the cheapest of 3 scale codes per shape."""
+    """Per channel: location from the mean, shape from the peakedness, then the cheapest
+    of 3 scale codes."""
     num_ch, num_symbols = hist.shape
     span = max(num_symbols - 1, 1)
     for c in range(num_ch):
@@ -173,20 +202,28 @@ def fit_channels(hist, weights, prefix, plateau, log2_fixed, mu_out, ss_out,
             d4 = abs(4 * k - mu4)
             mad4 += hist[c, k] * d4
             var16 += hist[c, k] * d4 * d4
-        ests = (max(np.float64(mad4) / 4.0 / n, 1e-3),
-                max(np.sqrt(np.float64(var16) / 16.0 / n), 1e-3))
+        mad = max(np.float64(mad4) / 4.0 / n, 1e-3)
+        std = max(np.sqrt(np.float64(var16) / 16.0 / n), 1e-3)
+        # The shape from the histogram's peakedness (mean absolute deviation over
+        # standard deviation: 0.71 for a Laplace, 0.80 for a Gaussian), then the
+        # cheapest of 3 scale codes around that shape's estimate. Pricing both shapes
+        # chose the same code for most channels and cost 0.03% of the bits less on
+        # SmolLM2 KV, at twice the fitting time (docs/design.md §3).
+        guess = 0 if mad < _LAPLACE_BELOW * std else 1
         best_gain = np.int64(-1)
         best = 0
         for shape in range(2):
-            center = int(np.rint(8.0 * (np.log2(ests[shape]) + 4.0)))
-            for delta in (-1, 0, 1):
-                code = min(max(center + delta, 0), 127)
-                ss = (shape << 7) | code
-                gain = _gain(weights, prefix, plateau, mu4, ss, hist[c], first, end,
-                             log2_fixed)
-                if gain > best_gain:
-                    best_gain = gain
-                    best = ss
+            if shape != guess and end - first > _PRICE_BOTH_UP_TO:
+                continue
+            est = mad if shape == 0 else std
+            center = min(max(int(np.rint(8.0 * (np.log2(est) + 4.0))), 1), 126)
+            g0, g1, g2 = _gains3(weights, prefix, plateau, mu4, shape, center, hist[c],
+                                 first, end, log2_fixed)
+            code = center - 1 if g0 >= g1 and g0 >= g2 else (center if g1 >= g2 else center + 1)
+            gain = max(g0, g1, g2)
+            if gain > best_gain:
+                best_gain = gain
+                best = (shape << 7) | code
         mu_out[c] = mu
         ss_out[c] = best
         expand_row(weights, prefix, plateau, mu, best, num_symbols, cdf[c])

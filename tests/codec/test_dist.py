@@ -50,26 +50,33 @@ def test_fit_prefers_cheaper_params_than_a_flat_distribution() -> None:
 
 
 def test_fit_candidate_pricing_matches_the_expanded_cdf_for_every_param() -> None:
-    # fit._gain prices a candidate from tables (weight totals, most likely symbol)
-    # without expanding its CDF; it must give exactly the bits of the CDF it stands for.
+    # fit._gains3 prices three scale codes from tables (weight totals, most likely
+    # symbol) without expanding their CDFs; each must give exactly the bits of the
+    # CDF it stands for.
     rng = np.random.default_rng(2)
+
+    def gains(mu, shape, center, hist, first, bins):
+        return [fit._gains3(dist.WEIGHTS, fit._PREFIX, fit._PLATEAU,
+                            int(dist.mu4_of(int(m), bins)), int(sh), int(c), h, first, bins,
+                            fit._LOG2_FIXED)
+                for m, sh, c, h in zip(mu, shape, center, hist, strict=True)]
+
     for bins in (2, 3, 8, 15, 47, 95, 128):
         mu = np.repeat(np.arange(0, 256, 5, dtype=np.uint8), 256 // 4 + 1)
         ss = np.tile(np.arange(0, 256, 4, dtype=np.uint8), len(mu) // 64 + 1)[: len(mu)]
-        cdf = dist.expand_cdf(np, dist.WEIGHTS, mu, ss, bins)
+        shape, center = ss >> 7, np.clip(ss.astype(np.int64) & 127, 1, 126)
         hist = rng.integers(0, 300, (len(mu), bins)) * (rng.random((len(mu), bins)) < 0.6)
-        freq = np.diff(cdf, axis=1)[:, :bins]
-        want = (hist * fit._LOG2_FIXED[freq]).sum(1)
-        got = [fit._gain(dist.WEIGHTS, fit._PREFIX, fit._PLATEAU,
-                         int(dist.mu4_of(int(m), bins)), int(s), h, 0, bins, fit._LOG2_FIXED)
-               for m, s, h in zip(mu, ss, hist, strict=True)]
-        np.testing.assert_array_equal(np.array(got), want)
-        # Over the occurring symbols only, the leftover is estimated: near, not exact.
-        hist[:, : bins // 3] = 0
-        want = (hist * fit._LOG2_FIXED[freq]).sum(1)
-        got = np.array([fit._gain(dist.WEIGHTS, fit._PREFIX, fit._PLATEAU,
-                                  int(dist.mu4_of(int(m), bins)), int(s), h, bins // 3, bins,
-                                  fit._LOG2_FIXED)
-                        for m, s, h in zip(mu, ss, hist, strict=True)])
-        err = np.abs(got - want) / 2.0**32  # bits
-        assert np.all(err <= 0.002 * want / 2.0**32 + 1)
+        partial = hist.copy()
+        partial[:, : bins // 3] = 0
+        exact, near = gains(mu, shape, center, hist, 0, bins), gains(
+            mu, shape, center, partial, bins // 3, bins)
+        for i, delta in enumerate((-1, 0, 1)):
+            cdf = dist.expand_cdf(np, dist.WEIGHTS, mu, (shape.astype(np.int64) << 7) | (center + delta),
+                                  bins)
+            freq = np.diff(cdf, axis=1)[:, :bins]
+            want = (hist * fit._LOG2_FIXED[freq]).sum(1)
+            np.testing.assert_array_equal(np.array([g[i] for g in exact]), want)
+            # Over the occurring symbols only, the leftover is estimated: near, not exact.
+            want = (partial * fit._LOG2_FIXED[freq]).sum(1)
+            err = np.abs(np.array([g[i] for g in near]) - want) / 2.0**32  # bits
+            assert np.all(err <= 0.002 * want / 2.0**32 + 1)
