@@ -164,8 +164,9 @@ def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
     fallocate reserved the pages, but each one still costs a fault on its first
     write through this mapping: measured here, the first pass of 5.9 MB copies over
     a fresh shm mapping ran at 1.9-2.2 GB/s, later passes (and passes after this) at
-    12-16 GB/s (``python bench/bench_micro.py``, row "arena_first_write"). Run in a background thread at start-up; returns early, quietly, on a
-    kernel without MADV_POPULATE_WRITE or once the mapping is closed.
+    12-16 GB/s (``python bench/bench_micro.py``, row "arena_first_write"). Run in a
+    background thread at start-up; returns early, quietly, on a kernel without
+    MADV_POPULATE_WRITE or once the mapping is closed.
     """
     size = len(mapped)
     for offset in range(0, size, slice_bytes):

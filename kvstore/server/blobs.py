@@ -4,7 +4,7 @@ A blob is stored through the engine like a chunk, so it lives in the same tiers,
 survives a restart through the disk tier and is evicted like a chunk. The tiers
 hold KVC1 objects only, so the daemon wraps the blob in one: codec id BLOB, the
 namespace layout in the header, ``num_tokens`` = the sequence length, the kind as
-codec metadata and the blob as the single section. The object's xxh64 covers all
+codec metadata and the blob as the single section. The object's XXH3-64 checksum covers all
 of it; on read every field is checked against the request, and any mismatch is
 Corrupt (the servicer drops the object and answers a miss).
 

@@ -16,7 +16,6 @@ from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-import xxhash
 
 from kvstore import __version__
 from kvstore import _frames as frames
@@ -25,7 +24,6 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
-    DeadlineExceeded,
     InvalidArgument,
     PermissionDenied,
 )
@@ -33,6 +31,7 @@ from kvstore.keys import ChunkKey, Namespace
 from kvstore.server import blobs, local, objects
 from kvstore.server.auth import Authenticator
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
+from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
 from kvstore.server.metrics import ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.put import ChunkObject, PutAssembler
@@ -47,8 +46,6 @@ from kvstore.server.wire import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Room for the GetResponse fields around `data` when checking the message limit.
-_ENVELOPE_BYTES = 1024
 
 
 def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -107,6 +104,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._max_message_bytes = max_message_bytes
         self._same_host = same_host or local.SameHostPolicy(enabled=True,
                                                             arena_for_tenants=False)
+        self._chunks = ChunkStreamer(engine, executor, counters, max_message_bytes)
 
     # ------------------------------------------------------------ helpers
 
@@ -132,12 +130,6 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         namespace = namespace_from_proto(request, tenant)
         self._registry.check(namespace)
         return namespace
-
-    @staticmethod
-    def _check_deadline(context: grpc.aio.ServicerContext, done: int, total: int) -> None:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(f"deadline passed after {done} of {total} messages")
 
     # ------------------------------------------------------------ unary RPCs
 
@@ -271,11 +263,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32),
                           position_free=False)
         batch = batch_from_proto(request, namespace.layout, len(keys))
-        if batch.num_bytes + _ENVELOPE_BYTES > self._max_message_bytes:
+        if batch.num_bytes + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
                 f"{len(batch.blocks)} blocks are {batch.num_bytes} bytes, over the "
                 f"{self._max_message_bytes}-byte message limit; ask for fewer per call")
-        data = await self._run(fetch_blocks, batch, keys, lambda key: self._load(key, False))
+        data = await self._run(fetch_blocks, batch, keys, lambda key: self._chunks.load(key, False))
         self._counters.add_bytes(sent=len(data))
         return frames.fetch_blocks_response(data=data, block_bytes=batch.block_bytes)
 
@@ -294,7 +286,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
         namespace, tokens, kind, key = self._blob_address(request, tenant)
         data = request.data  # upb copies a bytes field on every access: read it once
-        if len(data) + _ENVELOPE_BYTES > self._max_message_bytes:
+        if len(data) + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
                 f"a {len(data)}-byte blob would not fit a GetBlob reply under the "
                 f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
@@ -352,80 +344,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             return
         keys = keys[:num]
         if layer_major:
-            stream = self._stream_layer_major(keys, layers, context)
+            stream = self._chunks.layer_major(keys, layers, context)
         else:
-            stream = self._stream_chunk_major(keys, request, layers, context)
+            stream = self._chunks.chunk_major(keys, request.encoded, layers, context)
         async for message in stream:
             self._counters.add_bytes(sent=len(message))  # framed: payload + a few bytes
             yield message
-
-    def _load(self, key: ChunkKey, encoded: bool) -> bytes | None:
-        """A stored object (verified) or None; a corrupt one is dropped and counted."""
-        obj = self._engine.get(key)
-        if obj is None:
-            return None
-        try:
-            if encoded:
-                objects.verify_stored(obj)
-                return obj
-            return objects.stored_to_raw(obj)
-        except Corrupt as exc:
-            self._counters.count_corrupt_read()
-            log.warning("dropping stored object %s: %s", key.hex()[:16], exc)
-            self._engine.delete(key)
-            return None
-
-    def _load_run(self, keys: list[ChunkKey]) -> list[bytes]:
-        """Raw objects of the leading run of keys that load cleanly."""
-        loaded: list[bytes] = []
-        for key in keys:
-            obj = self._load(key, False)
-            if obj is None:
-                break
-            loaded.append(obj)
-        return loaded
-
-    async def _stream_layer_major(self, keys: list[ChunkKey], layers: list[int],
-                                  context: Any) -> AsyncIterator[bytes]:
-        # Every chunk is needed for layer 0, so load the run first; the count is then exact.
-        raws = await self._run(self._load_run, keys)
-        total = len(raws) * len(layers)
-        for i, layer in enumerate(layers):
-            for index, raw in enumerate(raws):
-                self._check_deadline(context, i * len(raws) + index, total)
-                yield self._layer_message(raw, index, layer, len(raws))
-
-    async def _stream_chunk_major(self, keys: list[ChunkKey], request: pb.GetRequest,
-                                  layers: list[int], context: Any) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        # Decoded tensors go one (chunk, layer) per message: gRPC Python streams
-        # sub-MiB messages 2-3x faster than whole multi-MiB objects, and the client
-        # places each straight into its output.
-        per_layer = not request.encoded
-        pending = loop.run_in_executor(self._executor, self._load, keys[0], request.encoded)
-        for index in range(len(keys)):
-            obj = await pending
-            if obj is None:
-                return  # evicted or corrupt since the lookup: the stream ends early
-            if index + 1 < len(keys):  # read the next chunk while this one is sent
-                pending = loop.run_in_executor(self._executor, self._load, keys[index + 1],
-                                               request.encoded)
-            self._check_deadline(context, index, len(keys))
-            if per_layer:
-                for layer in layers:
-                    yield self._layer_message(obj, index, layer, len(keys))
-                continue
-            if len(obj) + _ENVELOPE_BYTES > self._max_message_bytes:
-                raise CapacityExhausted(
-                    f"chunk {index} is a {len(obj)}-byte object, over the "
-                    f"{self._max_message_bytes}-byte message limit; ask for layer-major order "
-                    "or a layer filter"
-                )
-            yield frames.get_response(chunk_index=index, data=obj, num_chunks=len(keys))
-
-    @staticmethod
-    def _layer_message(raw: bytes, index: int, layer: int, num_chunks: int) -> bytes:
-        data = objects.layer_bytes(raw, layer)  # [2, heads, tokens, dim]
-        return frames.get_response(chunk_index=index, layer=layer, data=data,
-                                   checksum_xxh3=xxhash.xxh3_64_intdigest(data),
-                                   num_chunks=num_chunks)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from kvstore.server.service import KVStoreServicer
+from kvstore.server import get
 from tests.conftest import make_kv, make_tokens
 
 DELAY_S = 0.15  # the slowed daemon waits this long before producing each later layer
@@ -17,7 +17,7 @@ DELAY_S = 0.15  # the slowed daemon waits this long before producing each later 
 def slow_layers(monkeypatch):
     """Slow the daemon's layer-major stream and record when each layer starts leaving it."""
     produced: dict[int, float] = {}
-    original = KVStoreServicer._layer_message
+    original = get._layer_message
 
     def delayed(raw, index, layer, num_chunks):
         if index == 0:
@@ -26,7 +26,7 @@ def slow_layers(monkeypatch):
             produced[layer] = time.monotonic()
         return original(raw, index, layer, num_chunks)
 
-    monkeypatch.setattr(KVStoreServicer, "_layer_message", staticmethod(delayed))
+    monkeypatch.setattr(get, "_layer_message", delayed)
     return produced
 
 

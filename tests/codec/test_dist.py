@@ -71,8 +71,8 @@ def test_fit_candidate_pricing_matches_the_expanded_cdf_for_every_param() -> Non
         exact, near = gains(mu, shape, center, hist, 0, bins), gains(
             mu, shape, center, partial, bins // 3, bins)
         for i, delta in enumerate((-1, 0, 1)):
-            cdf = dist.expand_cdf(np, dist.WEIGHTS, mu, (shape.astype(np.int64) << 7) | (center + delta),
-                                  bins)
+            codes = (shape.astype(np.int64) << 7) | (center + delta)
+            cdf = dist.expand_cdf(np, dist.WEIGHTS, mu, codes, bins)
             freq = np.diff(cdf, axis=1)[:, :bins]
             want = (hist * fit._LOG2_FIXED[freq]).sum(1)
             np.testing.assert_array_equal(np.array([g[i] for g in exact]), want)
