@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     copy_s = best_seconds(lambda: np.copyto(np.empty_like(kv), kv), args.repeat)
     emit("store", "memcpy", mb_per_s=mb / copy_s, **common)
     # The transport's own ceiling: the same bytes through a bare grpc.aio stream, in
-    # messages the size of one (chunk, layer) as the daemon sends them.
+    # messages of one chunk (a whole raw object, as the daemon sends a plain get) and of
+    # one (chunk, layer) (as it sends a get with a layer filter).
     layer_bytes = 2 * LAYOUT.section_bytes
-    emit("store", "bare_grpc_stream", mb_per_s=bare_stream_mb_s(nbytes, layer_bytes),
-         message_bytes=layer_bytes, **common)
+    for name, size in (("bare_grpc_stream", LAYOUT.chunk_bytes),
+                       ("bare_grpc_stream_per_layer", layer_bytes)):
+        emit("store", name, mb_per_s=bare_stream_mb_s(nbytes, size), message_bytes=size,
+             **common)
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 get_s = best_seconds(lambda: client.get(tokens, as_numpy=True), args.repeat)
                 emit("store", "client_get_dram", mb_per_s=mb / get_s,
                      vs_memcpy=copy_s / get_s, **common)
+                every = list(range(LAYOUT.num_layers))  # a filter: one message per layer
+                get_s = best_seconds(lambda: client.get(tokens, layers=every, as_numpy=True),
+                                     args.repeat)
+                emit("store", "client_get_dram_per_layer", mb_per_s=mb / get_s, **common)
         # Restarted with a DRAM tier too small to hold a chunk: every get reads the disk.
         config.write_text(f"[tiers.cpu]\ncapacity_bytes = 1024\n"
                           f"[tiers.disk]\ncapacity_bytes = {4 * nbytes}\n")

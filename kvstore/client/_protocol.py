@@ -5,7 +5,8 @@ Wire details the client relies on (see the proto for the fields):
   codec level) in parts of at most
   ``min(1 MiB, max_message_bytes - 64 KiB)``: no message exceeds the limit, and
   mid-sized messages stream fastest through gRPC Python.
-- Get returns, per chunk, an encoded KVC1 object (``encoded``) or one message per
+- Get returns, per chunk, one KVC1 object (encoded, or raw when no layer filter is
+  sent and the object fits a message: see ``stream_layers``), or one message per
   (chunk, layer) carrying ``[2, heads, tokens, dim]`` bytes and their XXH3-64.
   Every object and layer is verified here; bad bytes raise Corrupt.
 - A chunk-major stream may end early (a chunk evicted after the daemon's
@@ -27,7 +28,7 @@ from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client._codec import encode_chunk
 from kvstore.client._tensors import NUMPY_STORAGE, to_storage
-from kvstore.codec.format import FLAG_POSITION_FREE
+from kvstore.codec.format import FLAG_POSITION_FREE, HEADER_BYTES
 from kvstore.codec.raw import decode_raw
 from kvstore.errors import Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import tokens_to_array
@@ -124,6 +125,22 @@ def get_request(namespace: pb.Namespace, tokens: np.ndarray, *, layers: Sequence
     return pb.GetRequest(namespace=namespace, tokens_le_i32=tokens.tobytes(), order=order,
                          layers=list(layers or ()), position_free=position_free,
                          encoded=encoded)
+
+
+def stream_layers(chosen: list[int] | None, layout: KVLayout, tokens_per_chunk: int,
+                  receive_bytes: int) -> list[int] | None:
+    """The layer filter to send with a chunk-major raw Get.
+
+    Without a filter the daemon sends each chunk as one raw object; when such an
+    object would exceed what this client accepts in one message, ask for every layer
+    explicitly, which the daemon answers with one message per (chunk, layer).
+    """
+    if chosen is not None:
+        return chosen
+    payload = (layout.num_layers * 2 * layout.num_kv_heads * tokens_per_chunk
+               * layout.head_dim * layout.itemsize)
+    whole = HEADER_BYTES + 4 * 2 * layout.num_layers + payload  # raw: 2 sections per layer
+    return None if whole <= receive_bytes else list(range(layout.num_layers))
 
 
 def fetch_blocks_request(namespace: pb.Namespace, tokens: Any, layer: int, kind: int,

@@ -287,8 +287,11 @@ class Client:
         if out is not local.STREAM:
             return None if out is None else from_storage(out, self.layout.dtype,
                                                          as_numpy=as_numpy)
-        request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
-                                    position_free=position_free)
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        request = proto.get_request(
+            self._ns, arr, layers=proto.stream_layers(chosen, self.layout, per_chunk,
+                                                      self._part_bytes),
+            layer_major=False, position_free=position_free)
 
         def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
             asm = self._assembler(chosen, arr, layer_major=False, position_free=position_free)

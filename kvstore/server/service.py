@@ -346,7 +346,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if layer_major:
             stream = self._chunks.layer_major(keys, layers, context)
         else:
-            stream = self._chunks.chunk_major(keys, request.encoded, layers, context)
+            stream = self._chunks.chunk_major(keys, request.encoded, layers, context,
+                                              layer_filter=bool(request.layers))
         async for message in stream:
             self._counters.add_bytes(sent=len(message))  # framed: payload + a few bytes
             yield message

@@ -291,3 +291,17 @@ def test_get_assembler_rejects_an_out_of_order_message(layout):
     asm = GetAssembler(layout, 16, list(range(layout.num_layers)), layer_major=False)
     with pytest.raises(Corrupt, match="expected"):
         asm.add(pb.GetResponse(chunk_index=1, data=obj, num_chunks=2))
+
+
+def test_client_with_a_small_message_limit_gets_big_chunks_layer_by_layer(tmp_path):
+    # The daemon would send whole 5.9 MB objects; this client accepts 1 MiB messages.
+    from kvstore.server.app import ServerThread
+
+    lay = SMOLLM2_LAYOUT
+    tokens, kv = make_tokens(256), make_kv(lay, 256)
+    with ServerThread(make_config(tmp_path / "d")) as srv:
+        with Client(srv.address, "smollm2", lay, transport="stream",
+                    max_message_bytes=1 << 20) as c:
+            assert c.put(tokens, kv) == 256
+            assert np.array_equal(c.get(tokens, as_numpy=True), kv)
+            assert np.array_equal(c.get(tokens, layers=[3], as_numpy=True), kv[3:4])

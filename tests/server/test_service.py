@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client import Client
-from kvstore.codec.raw import encode_raw
+from kvstore.codec.raw import decode_raw, encode_raw
 from kvstore.errors import CapacityExhausted, InvalidArgument, PermissionDenied, Unavailable
 from kvstore.layout import KVLayout
 from kvstore.server.app import ServerThread, create_server
@@ -136,6 +136,35 @@ def test_encoded_get_returns_objects_as_stored(stub, layout):
         list(stub.Get(pb.GetRequest(namespace=_ns(layout), tokens_le_i32=tokens.tobytes(),
                                     encoded=True, order=pb.ORDER_LAYER_MAJOR)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_raw_get_sends_whole_objects_unless_layers_are_filtered(stub, layout):
+    tokens, objs = _objects(layout, 2)
+    stub.Put(iter([_header(layout, tokens), _chunk(0, objs[0]), _chunk(1, objs[1])]))
+    request = dict(namespace=_ns(layout), tokens_le_i32=tokens.tobytes())
+    whole = list(stub.Get(pb.GetRequest(**request)))
+    assert [(m.chunk_index, m.HasField("layer")) for m in whole] == [(0, False), (1, False)]
+    assert [m.data for m in whole] == objs  # raw objects are stored as sent
+    per_layer = list(stub.Get(pb.GetRequest(**request, layers=[0, 1])))
+    assert [(m.chunk_index, m.layer) for m in per_layer] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert per_layer[1].data == decode_raw(objs[0])[1][1].tobytes()
+
+
+def test_raw_chunks_over_the_message_limit_are_sent_per_layer(tmp_path):
+    # Over the daemon's limit (2 MiB) and over a client's (1 MiB): both get layers.
+    config = make_config(tmp_path / "d", **{"server.max_message_bytes": 2 << 20})
+    lay = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, chunk_tokens=256)  # 5.9 MB
+    tokens, kv = make_tokens(512), make_kv(lay, 512)
+    with ServerThread(config) as srv, Client(srv.address, "smollm2", lay, transport="stream",
+                                             max_message_bytes=1 << 20) as c:
+        assert c.put(tokens, kv) == 512
+        assert np.array_equal(c.get(tokens, as_numpy=True), kv)
+        with Client(srv.address, "smollm2", lay, transport="stream") as roomy:
+            assert np.array_equal(roomy.get(tokens, as_numpy=True), kv)
+        with grpc.insecure_channel(srv.address) as channel:
+            got = list(pb_grpc.KVStoreStub(channel).Get(pb.GetRequest(
+                namespace=_ns(lay, "smollm2"), tokens_le_i32=tokens.tobytes())))
+    assert [(m.chunk_index, m.layer) for m in got] == [(c, i) for c in range(2) for i in range(30)]
 
 
 def test_get_with_bad_layer_list_is_invalid_argument(stub, layout):
