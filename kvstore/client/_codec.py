@@ -82,16 +82,16 @@ def decode_objects(objects: Sequence[bytes], layout: KVLayout, num_tokens: int,
     """Decode a Get's encoded objects (chunk order) into one torch tensor.
 
     ``[len(layers), 2, heads, n * T, dim]`` on ``device`` (None: the CPU);
-    ``device="cuda"`` decodes kvq objects with the codec's Triton kernel.
+    ``device="cuda"`` decodes the kvq objects in one batch with the codec's Triton
+    kernels.
     """
     import torch
 
-    from kvstore.codec import decode
+    from kvstore.codec import decode_many
 
-    parts = []
     for index, data in enumerate(objects):
         check_object_header(data, index, layout, num_tokens)
-        parts.append(decode(data, device=device))  # verifies; raises Corrupt
+    parts = decode_many(objects, device=device)  # verifies; raises Corrupt
     out = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
     return out if layers is None else out[layers].contiguous()
 

@@ -32,6 +32,13 @@ def decode(data: bytes | memoryview, **kwargs: Any) -> Any:
     return _decode(data, **kwargs)
 
 
+def decode_many(objects: Any, **kwargs: Any) -> Any:
+    """Decode several objects (batched on a GPU); see ``kvstore.codec.api.decode_many``."""
+    from kvstore.codec.api import decode_many as _decode_many
+
+    return _decode_many(objects, **kwargs)
+
+
 def decode_layer(data: bytes | memoryview, layer: int, **kwargs: Any) -> Any:
     """Decode one layer of an object; see ``kvstore.codec.api.decode_layer``."""
     from kvstore.codec.api import decode_layer as _decode_layer
@@ -48,6 +55,7 @@ __all__ = [
     "ObjectHeader",
     "decode",
     "decode_layer",
+    "decode_many",
     "decode_raw",
     "encode",
     "encode_raw",

@@ -20,6 +20,7 @@ FAST = {
     "bench_local.py": ["--mb", "12", "--repeat", "1"],
     "bench_redis.py": ["--smoke"],
     "bench_codec.py": ["--smoke"],
+    "bench_codec_gpu.py": ["--smoke"],
     "bench_micro.py": ["--smoke"],
 }
 WITH_MODEL = {
