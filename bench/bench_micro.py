@@ -1,9 +1,12 @@
-"""The micro-measurements behind four data-path decisions, each against its alternative.
+"""The micro-measurements behind five data-path decisions, each against its alternative.
 
 - ``frame``: serialising one 196 KiB GetResponse with protobuf vs
   ``kvstore._frames.get_response`` (docs/design.md §8).
 - ``redis_pack``: hiredis's command packer vs redis-py's ``PythonRespSerializer``
   (what the Redis tier uses) for one SET of a 256 KiB and a 5.9 MB value.
+- ``redis_pipeline_send``: a pipeline of SETs sent with one ``sendall`` per buffer
+  (redis-py) vs one ``sendmsg`` per round (``redis_nodes.VectoredConnection``), both
+  with the zero-copy packer, to a redis-server started on a free port.
 - ``checksum``: xxh64 vs XXH3-64 over one 5.9 MB object (the KVC1 checksum, §3).
 - ``arena_first_write``: copying 5.9 MB objects through a fresh shared-memory
   mapping, first pass without and with ``arena_file.prefault`` (§5).
@@ -76,6 +79,44 @@ def bench_redis_pack(sizes: list[int], repeat: int) -> None:
              python_us=round(py * 1e6, 1), hiredis_gb_s=round(size / hi / 1e9, 2))
 
 
+def bench_redis_pipeline_send(cases: list[tuple[int, int]], repeat: int) -> None:
+    """SET pipelines of (value bytes, values per pipeline), 256 MB or 64 values each."""
+    import redis
+    from bench_redis import start_server
+
+    from kvstore.tiers.redis_nodes import VectoredConnection, use_zero_copy_packer
+
+    proc, port, _ = start_server()
+    try:
+        vectored = use_zero_copy_packer(redis.Redis(port=port))
+        plain = use_zero_copy_packer(redis.Redis(port=port))
+        plain.connection_pool.connection_class = redis.Connection
+        assert vectored.connection_pool.connection_class is VectoredConnection
+        for size, batch in cases:
+            value = os.urandom(size)
+            keys = [b"k%d" % i for i in range(max(64, (256 << 20) // size))]
+
+            def put(client, keys=keys, value=value, batch=batch) -> None:
+                for start in range(0, len(keys), batch):
+                    pipe = client.pipeline(transaction=False)
+                    for key in keys[start : start + batch]:
+                        pipe.set(key, value)
+                    pipe.execute()
+
+            best = {"sendall": float("inf"), "sendmsg": float("inf")}
+            for _ in range(repeat + 1):  # interleaved, so both see the same machine
+                for name, client in (("sendall", plain), ("sendmsg", vectored)):
+                    start = time.perf_counter()
+                    put(client)
+                    best[name] = min(best[name], time.perf_counter() - start)
+            mb = len(keys) * size / 1e6
+            emit("micro", "redis_pipeline_send", value_bytes=size, values_per_pipeline=batch,
+                 sendall_mb_s=round(mb / best["sendall"]), sendmsg_mb_s=round(mb / best["sendmsg"]))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def bench_checksum(size: int, repeat: int) -> None:
     data = os.urandom(size)
     gb_s = {name: size / best_seconds(lambda f=f: f(data), repeat) / 1e9
@@ -122,6 +163,8 @@ def main() -> None:
     repeat = 1 if args.smoke else args.repeat
     bench_frame(repeat)
     bench_redis_pack([262_144] if args.smoke else [262_144, CHUNK_BYTES], repeat)
+    bench_redis_pipeline_send([(262_144, 16)] if args.smoke
+                              else [(262_144, 16), (CHUNK_BYTES, 4)], repeat)
     bench_checksum(1 << 20 if args.smoke else CHUNK_BYTES, repeat)
     bench_arena_first_write(16 << 20 if args.smoke else 512 << 20, CHUNK_BYTES)
 

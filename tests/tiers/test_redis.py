@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
 from kvstore.codec.raw import encode_raw
 from kvstore.config import MiB, RedisTierConfig
@@ -15,7 +16,12 @@ from kvstore.layout import KVLayout
 from kvstore.tiers.base import Tier
 from kvstore.tiers.circuit import CircuitBreaker
 from kvstore.tiers.redis import RedisTier
-from kvstore.tiers.redis_nodes import parse_redis_url
+from kvstore.tiers.redis_nodes import (
+    VectoredConnection,
+    parse_redis_url,
+    sendmsg_all,
+    use_zero_copy_packer,
+)
 from tests.redis_servers import RedisFactory, RedisProcess, free_port
 
 TINY = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, chunk_tokens=16)
@@ -68,6 +74,37 @@ def test_tier_raises_when_config_invalid(overrides: dict) -> None:
         setattr(config, name, value)
     with pytest.raises(InvalidArgument):
         RedisTier(config)
+
+
+def test_sendmsg_all_delivers_every_byte_in_order_across_partial_sends() -> None:
+    import socket
+    import threading
+
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # force partial sends
+    rng = np.random.default_rng(0)
+    buffers = [rng.bytes(n) for n in (7, 300_000, 1, 65_536, 2_000_000, 12)]
+    buffers += [memoryview(rng.bytes(10))[2:9]] + [b"x"] * 1500  # > IOV_MAX buffers
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < sum(len(b) for b in buffers):
+            received.extend(right.recv(1 << 16))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    sendmsg_all(left, buffers)
+    reader.join(timeout=30)
+    left.close()
+    right.close()
+    assert bytes(received) == b"".join(bytes(b) for b in buffers)
+
+
+def test_tier_clients_send_pipelines_vectored_but_tls_ones_as_redis_py_does() -> None:
+    plain = use_zero_copy_packer(redis.Redis(port=1))
+    assert plain.connection_pool.connection_class is VectoredConnection
+    tls = use_zero_copy_packer(redis.Redis(port=1, ssl=True))
+    assert tls.connection_pool.connection_class is redis.SSLConnection
 
 
 def test_circuit_breaker_opens_after_failures_and_probes_once_per_interval() -> None:
