@@ -82,6 +82,7 @@ class Client:
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
         self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
+        self.max_message_bytes = max_message_bytes  # largest message sent or received
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self._local = local.LocalPath(transport)
         self._codec = codecs.check_codec(codec)

@@ -21,6 +21,7 @@ FAST = {
     "bench_redis.py": ["--smoke"],
     "bench_codec.py": ["--smoke"],
     "bench_codec_gpu.py": ["--smoke"],
+    "bench_blob_parts.py": ["--smoke"],
     "bench_micro.py": ["--smoke"],
 }
 WITH_MODEL = {
