@@ -6,15 +6,19 @@ greedy answer tokens from it. Every method first stores the chunks (untimed),
 then builds the cache from the store (timed: that is its TTFT) and is
 teacher-forced through the reference answer; at each of the 32 positions its
 top-1 next token is compared with the reference and KL(reference || method) is
-taken. Methods: ``kvstore.rag.build_cache`` at three recompute ratios and the
-naive baseline (chunk caches concatenated, no rotation, no recompute). The full
-prefill is timed next to each method on the same prompt, so speedups are
-per-prompt ratios (median reported). One JSON line per method.
+taken. Methods: ``kvstore.rag.build_cache`` at three recompute ratios for each
+``--leads`` variant (what a missing chunk is computed after: ``prefix``, the
+default, or ``none``, ``nl``, ``doc``, ``bos``, ``endoftext``; rows named
+``blend-lead-<lead>-<ratio>``, the default ``blend-<ratio>``) and the naive
+baseline (chunk caches concatenated, no rotation, no recompute). The full prefill
+is timed next to each method on the same prompt, so speedups are per-prompt
+ratios (median reported). One JSON line per method.
 
     python bench/bench_rag.py                          # 8 prompts, ratios 0.05,0.15,0.30
     python bench/bench_rag.py --prompts 1 --chunk-tokens 64 --answer-tokens 4   # smoke
     python bench/bench_rag.py --held-out               # prompts the selection was not tuned on
     python bench/bench_rag.py --query-aware            # build_cache(query_aware=True)
+    python bench/bench_rag.py --leads prefix,none      # chunk_lead variants in one run
 """
 
 from __future__ import annotations
@@ -44,6 +48,15 @@ QUESTION = "\n\nQuestion: According to the documentation above, what is '{topic}
 HELD_OUT_PREFIX = "Use the following reference material to answer.\n\n"
 HELD_OUT_QUESTION = "\n\nQ: Explain '{topic}' based on the text above.\nA:"
 HELD_OUT_OFFSET = 128  # tokens skipped at the start of each passage
+# --leads: what a missing chunk is computed after (build_cache's chunk_lead).
+LEADS = {
+    "none": lambda tok, prompt: [],
+    "endoftext": lambda tok, prompt: [0],
+    "bos": lambda tok, prompt: [tok.bos_token_id],
+    "nl": lambda tok, prompt: tok("\n\n")["input_ids"],
+    "doc": lambda tok, prompt: tok("Document:\n")["input_ids"],
+    "prefix": lambda tok, prompt: None,  # build_cache's default: the prompt's prefix
+}
 
 
 def make_prompts(
@@ -78,10 +91,11 @@ def make_prompts(
     return prompts
 
 
-def _timed(fn) -> tuple[Any, float]:
-    start = time.perf_counter()
+def _timed(fn) -> tuple[Any, tuple[float, float]]:
+    """(result, (wall seconds, CPU seconds of this process: all its threads, not the daemon))."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, (time.perf_counter() - start, time.process_time() - start_cpu)
 
 
 @torch.inference_mode()
@@ -115,15 +129,25 @@ def _full_prefill(model: Any, prompt: dict) -> None:
 
 
 def run_method(
-    model: Any, client: Client, prompt: dict, ratio: float | None, query_aware: bool = False
+    model: Any,
+    client: Client,
+    prompt: dict,
+    ratio: float | None,
+    query_aware: bool = False,
+    lead: list[int] | None = None,
 ) -> tuple:
-    """(cache, logits, ttft_s, stats) of one method; ``ratio=None`` is the naive baseline."""
+    """(cache, logits, (ttft wall s, ttft CPU s), stats) of one method; ``ratio=None``: naive."""
     args = (model, client, prompt["chunks"], prompt["query"])
     if ratio is None:
         build_cache_naive(*args, prefix=prompt["prefix"])  # stores the chunks, untimed
         (cache, logits), ttft = _timed(lambda: build_cache_naive(*args, prefix=prompt["prefix"]))
         return cache, logits, ttft, None
-    kwargs = {"prefix": prompt["prefix"], "recompute_ratio": ratio, "query_aware": query_aware}
+    kwargs = {
+        "prefix": prompt["prefix"],
+        "recompute_ratio": ratio,
+        "query_aware": query_aware,
+        "chunk_lead": lead,
+    }
     build_cache(*args, **kwargs)
     (cache, logits, stats), ttft = _timed(lambda: build_cache(*args, **kwargs))
     return cache, logits, ttft, stats
@@ -134,9 +158,11 @@ def summarize(name: str, results: list[dict], extra: dict) -> None:
     emit(
         "rag",
         name,
-        ttft_s=statistics.median(r["ttft_s"] for r in results),
-        full_prefill_s=statistics.median(r["full_s"] for r in results),
-        speedup=statistics.median(r["full_s"] / r["ttft_s"] for r in results),
+        ttft_s=statistics.median(r["ttft_s"][0] for r in results),
+        full_prefill_s=statistics.median(r["full_s"][0] for r in results),
+        speedup=statistics.median(r["full_s"][0] / r["ttft_s"][0] for r in results),
+        # Less sensitive to other load on a shared machine than the wall-clock ratio.
+        cpu_speedup=statistics.median(r["full_s"][1] / r["ttft_s"][1] for r in results),
         top1_agreement=sum(agree) / len(agree),
         num_positions=len(agree),
         mean_kl=statistics.fmean(r["kl"] for r in results),
@@ -145,13 +171,20 @@ def summarize(name: str, results: list[dict], extra: dict) -> None:
     )
 
 
-def evaluate(model: Any, client: Client, prompt: dict, methods: list, args: Any) -> dict:
-    """Per method: TTFT, the full prefill timed next to it, KL and top-1 agreement on one prompt."""
+def evaluate(
+    model: Any, tokenizer: Any, client: Client, prompt: dict, methods: list, args: Any
+) -> dict:
+    """Per method ``(lead name, ratio)``: TTFT, the full prefill timed next to it, KL and
+    top-1 agreement on one prompt."""
     answer, ref = reference(model, prompt, args.answer_tokens)
     rows = {}
     for method in methods:
+        lead_name, ratio = method
+        lead = LEADS[lead_name](tokenizer, prompt)
         _, full_s = _timed(lambda: _full_prefill(model, prompt))
-        cache, logits, ttft, stats = run_method(model, client, prompt, method, args.query_aware)
+        cache, logits, ttft, stats = run_method(
+            model, client, prompt, ratio, args.query_aware, lead
+        )
         got = _continue(model, cache, logits, answer)
         kl = F.kl_div(
             F.log_softmax(got, -1),
@@ -175,20 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
     parser.add_argument("--held-out", action="store_true", help="prompts not used for tuning")
     parser.add_argument("--query-aware", action="store_true", help="build_cache(query_aware=True)")
+    parser.add_argument(
+        "--leads", default="prefix", help=f"comma-separated chunk_lead variants of {sorted(LEADS)}"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2()
     prompts = make_prompts(tokenizer, args.prompts, args.chunks, args.chunk_tokens, args.held_out)
-    methods: list[float | None] = [float(r) for r in args.ratios.split(",")] + [None]
-    results: dict[float | None, list[dict]] = {m: [] for m in methods}
+    ratios = [float(r) for r in args.ratios.split(",")]
+    leads = args.leads.split(",")
+    if unknown := set(leads) - set(LEADS):
+        parser.error(f"unknown --leads {sorted(unknown)}; choose from {sorted(LEADS)}")
+    methods = [(lead, r) for lead in leads for r in ratios] + [("none", None)]
+    results: dict[tuple, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp) / "data") as address:
         with Client(
             address, "bench-rag", layout_for(model, args.dtype, 256), timeout_s=120
         ) as client:
             for prompt in prompts:
-                for method, row in evaluate(model, client, prompt, methods, args).items():
+                rows = evaluate(model, tokenizer, client, prompt, methods, args)
+                for method, row in rows.items():
                     results[method].append(row)
     shape = {
         "prompts": args.prompts,
@@ -201,18 +242,20 @@ def main(argv: list[str] | None = None) -> int:
         + args.chunks * args.chunk_tokens
         + len(prompts[0]["query"]),
     }
-    for method in methods:
-        rs = results[method]
-        if method is None:
+    for lead, ratio in methods:
+        rs = results[(lead, ratio)]
+        if ratio is None:
             summarize("naive-concat", rs, {"recompute_ratio": None, **shape})
             continue
         last = rs[-1]["stats"]
+        qa = "-query-aware" if args.query_aware else ""
         summarize(
-            f"blend{'-query-aware' if args.query_aware else ''}-{method:g}",
+            f"blend{qa}{'' if lead == 'prefix' else '-lead-' + lead}-{ratio:g}",
             rs,
             {
-                "recompute_ratio": method,
+                "recompute_ratio": ratio,
                 "query_aware": args.query_aware,
+                "chunk_lead": lead,
                 "num_reused": last.num_reused,
                 "num_recomputed": last.num_recomputed,
                 "num_prefilled": last.num_prefilled,

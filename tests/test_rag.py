@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kvstore.errors import InvalidArgument
 from kvstore.integrations.transformers import layout_for
-from kvstore.rag import build_cache, build_cache_naive
+from kvstore.rag import build_cache, build_cache_naive, stored_chunk_tokens
 from tests.conftest import make_config
 from tests.integrations import smollm2, tiny_llama
 
@@ -91,6 +91,7 @@ class _Quality:
     agree: list[list[bool]]  # top-1 agreement at the default ratio, per prompt and answer token
     kl_blend: list[float]  # per prompt
     kl_query_aware: list[float]
+    kl_no_lead: list[float]  # chunks computed with nothing before them (chunk_lead=[])
     kl_naive: list[float]
 
 
@@ -105,7 +106,7 @@ def shared_client(daemon) -> Iterator[Any]:
 def quality(shared_client) -> _Quality:
     model, tokenizer = smollm2()
     client = shared_client
-    result = _Quality([], [], [], [])
+    result = _Quality([], [], [], [], [])
     for index in range(NUM_PROMPTS):
         prefix, chunks, query = _prompt(tokenizer, index)
         answer, ref = _reference(model, prefix + sum(chunks, []) + query)
@@ -113,11 +114,14 @@ def quality(shared_client) -> _Quality:
         blended = _continue(model, cache, logits, answer)
         cache, logits, _ = build_cache(model, client, chunks, query, prefix, query_aware=True)
         query_aware = _continue(model, cache, logits, answer)
+        cache, logits, _ = build_cache(model, client, chunks, query, prefix, chunk_lead=[])
+        no_lead = _continue(model, cache, logits, answer)
         cache, logits = build_cache_naive(model, client, chunks, query, prefix=prefix)
         naive = _continue(model, cache, logits, answer)
         result.agree.append((blended.argmax(-1) == ref.argmax(-1)).tolist())
         result.kl_blend.append(_kl(ref, blended))
         result.kl_query_aware.append(_kl(ref, query_aware))
+        result.kl_no_lead.append(_kl(ref, no_lead))
         result.kl_naive.append(_kl(ref, naive))
     return result
 
@@ -145,7 +149,7 @@ def test_build_cache_agrees_on_top1_with_full_prefill_at_default_ratio(quality):
     assert all(per_prompt[0] for per_prompt in quality.agree), quality.agree  # the next token
     positions = sum(quality.agree, [])
     rate = sum(positions) / len(positions)
-    assert rate >= 0.9, f"top-1 agreement {rate:.2f} over {len(positions)} answer positions"
+    assert rate >= 0.95, f"top-1 agreement {rate:.2f} over {len(positions)} answer positions"
 
 
 @pytest.mark.model
@@ -160,6 +164,16 @@ def test_build_cache_beats_naive_concatenation_on_kl_to_full_prefill(quality):
 
 @pytest.mark.model
 @pytest.mark.slow
+def test_build_cache_computing_chunks_after_the_prefix_lowers_kl_to_full_prefill(quality):
+    after_prefix = sum(quality.kl_blend) / len(quality.kl_blend)
+    alone = sum(quality.kl_no_lead) / len(quality.kl_no_lead)
+    assert after_prefix < alone, (
+        f"mean KL chunks after the prefix {after_prefix:.4f}, alone {alone:.4f}"
+    )
+
+
+@pytest.mark.model
+@pytest.mark.slow
 def test_build_cache_counts_reused_recomputed_and_prefilled_tokens(daemon):
     from kvstore.integrations.smollm2 import sample_tokens
 
@@ -170,7 +184,8 @@ def test_build_cache_counts_reused_recomputed_and_prefilled_tokens(daemon):
     num_chunk_tokens = sum(len(c) for c in chunks)
     with _client(daemon, model) as client:
         _, _, cold = build_cache(model, client, chunks, query, prefix=prefix)
-        assert all(client.lookup_chunk(c) for c in chunks)
+        assert all(client.lookup_chunk(stored_chunk_tokens(c, prefix)) for c in chunks)
+        assert not any(client.lookup_chunk(c) for c in chunks)  # computed after the prefix
         assert client.lookup(prefix) == 64  # the prefix's full chunk was stored
         _, _, warm = build_cache(
             model, client, chunks[:2], query, prefix=prefix, recompute_ratio=0.25
@@ -240,7 +255,48 @@ def test_build_cache_rejects_model_with_unknown_rope_scaling(daemon):
             build_cache(model, client, [[1, 2, 3]], [4, 5])
 
 
-@pytest.mark.parametrize("kwargs", [{"recompute_ratio": 1.5}, {"chunks": []}, {"query": []}])
+def test_build_cache_keeps_chunks_computed_after_different_leads_apart(daemon):
+    model = tiny_llama()
+    chunks, query = [[5, 6, 7, 8], [9, 10, 11]], [12, 13]
+    with _client(daemon, model, "float32") as client:
+        encoded = [
+            build_cache(model, client, chunks, query, prefix=prefix, chunk_lead=lead)[2]
+            for prefix, lead in [([1, 2], []), ([1, 2], None), ([1, 2], None), ([3], None)]
+        ]
+        assert [s.num_chunks_encoded for s in encoded] == [2, 2, 0, 2]
+        for lead in ([], [1, 2], [3]):
+            assert all(client.lookup_chunk(stored_chunk_tokens(c, lead)) for c in chunks)
+
+
+@torch.inference_mode()
+def test_build_cache_stores_a_chunk_as_computed_after_its_lead_keys_at_position_zero(daemon):
+    from kvstore.integrations._rope import rope_spec, rotate_keys
+    from kvstore.integrations.transformers import kv_from_cache
+
+    model = tiny_llama()
+    lead, chunk = [1, 2, 3], list(range(20, 45))
+    with _client(daemon, model, "float32") as client:
+        build_cache(model, client, [chunk], [7], chunk_lead=lead)
+        stored = torch.as_tensor(client.get_chunk(stored_chunk_tokens(chunk, lead)))
+    out = model(input_ids=torch.tensor([lead + chunk]), use_cache=True)
+    want = kv_from_cache(out.cache, len(lead), len(lead + chunk), torch.float32)
+    positions = torch.arange(len(lead), len(lead + chunk))
+    want[:, 0] = rotate_keys(want[:, 0], rope_spec(model), positions, inverse=True)
+    num_tag = stored.shape[3] - len(chunk)
+    assert num_tag > 0 and not stored[:, :, :, :num_tag].any()  # zero rows for the lead's tag
+    torch.testing.assert_close(stored[:, :, :, num_tag:], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"recompute_ratio": 1.5},
+        {"chunks": []},
+        {"query": []},
+        {"chunks": [[1, -2, 3]]},  # negative ids are reserved for the lead tag
+        {"chunk_lead": [-1]},
+    ],
+)
 def test_build_cache_rejects_bad_arguments(daemon, kwargs):
     model = tiny_llama()
     args = {"chunks": [[1, 2, 3]], "query": [4, 5], **kwargs}
