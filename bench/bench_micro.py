@@ -1,7 +1,9 @@
-"""The micro-measurements behind five data-path decisions, each against its alternative.
+"""The micro-measurements behind six data-path decisions, each against its alternative.
 
 - ``frame``: serialising one 196 KiB GetResponse with protobuf vs
   ``kvstore._frames.get_response`` (docs/design.md §8).
+- ``parse``: the client's parse of one 5.9 MB GetResponse and read of its data:
+  protobuf vs ``kvstore._frames.parse_get_response``.
 - ``redis_pack``: hiredis's command packer vs redis-py's ``PythonRespSerializer``
   (what the Redis tier uses) for one SET of a 256 KiB and a 5.9 MB value.
 - ``redis_pipeline_send``: a pipeline of SETs sent with one ``sendall`` per buffer
@@ -63,6 +65,23 @@ def bench_frame(repeat: int) -> None:
           for name, f in (("protobuf", protobuf), ("framed", framed))}
     emit("micro", "frame", message_bytes=LAYER_BYTES, protobuf_us=round(us["protobuf"], 1),
          framed_us=round(us["framed"], 1), speedup=round(us["protobuf"] / us["framed"], 1))
+
+
+def bench_parse(repeat: int) -> None:
+    """Client side of a whole-object GetResponse: protobuf parse + reading ``data``
+    (upb copies both times) vs ``frames.parse_get_response`` (a view)."""
+    wire = frames.get_response(chunk_index=3, data=os.urandom(CHUNK_BYTES), num_chunks=9)
+
+    def protobuf(_: object) -> int:
+        return len(pb.GetResponse.FromString(wire).data)
+
+    def by_hand(_: object) -> int:
+        return len(frames.parse_get_response(wire).data)
+
+    us = {name: _per_call(f, None, 20, repeat) * 1e6
+          for name, f in (("protobuf", protobuf), ("by_hand", by_hand))}
+    emit("micro", "parse", message_bytes=len(wire), protobuf_us=round(us["protobuf"], 1),
+         by_hand_us=round(us["by_hand"], 1))
 
 
 def bench_redis_pack(sizes: list[int], repeat: int) -> None:
@@ -162,6 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     repeat = 1 if args.smoke else args.repeat
     bench_frame(repeat)
+    bench_parse(repeat)
     bench_redis_pack([262_144] if args.smoke else [262_144, CHUNK_BYTES], repeat)
     bench_redis_pipeline_send([(262_144, 16)] if args.smoke
                               else [(262_144, 16), (CHUNK_BYTES, 4)], repeat)

@@ -103,7 +103,7 @@ class EncodedObjects:
     A stream that ends early leaves the complete leading chunks, as for raw Gets.
     """
 
-    objects: list[bytes] = field(default_factory=list)
+    objects: list[bytes | memoryview] = field(default_factory=list)
     num_chunks: int | None = None  # from the first message
 
     def add(self, msg: Any) -> None:
@@ -111,7 +111,7 @@ class EncodedObjects:
             self.num_chunks = msg.num_chunks
         want = len(self.objects)
         if (msg.chunk_index, msg.num_chunks) != (want, self.num_chunks) or not msg.num_chunks \
-                or msg.HasField("layer"):
+                or msg.layer is not None:
             raise Corrupt(f"daemon sent chunk {msg.chunk_index} of {msg.num_chunks}, expected "
                           f"the whole object of chunk {want} of {self.num_chunks}")
         self.objects.append(msg.data)

@@ -207,11 +207,11 @@ class GetAssembler:
     _per_chunk_msgs: int = 1
     _layer_counts: dict[int, int] = field(default_factory=dict)
 
-    def add(self, msg: pb.GetResponse) -> int | None:
+    def add(self, msg: frames.GetMessage) -> int | None:
         """Place one message; returns the position (in ``layers``) of a layer it completed."""
         if self.out is None:
             self._start(msg)
-        seen = (msg.chunk_index, msg.layer if msg.HasField("layer") else None)
+        seen = (msg.chunk_index, msg.layer)
         want = next(self._expected, None)  # type: ignore[arg-type]
         if seen != want or msg.num_chunks != self.num_chunks:
             raise Corrupt(f"daemon sent (chunk, layer) {seen} of {msg.num_chunks} chunks, "
@@ -227,7 +227,7 @@ class GetAssembler:
         self._layer_counts[position] = self._layer_counts.get(position, 0) + 1
         return position if self._layer_counts[position] == self.num_chunks else None
 
-    def add_streamed_layer(self, msg: pb.GetResponse, *, yielded: int,
+    def add_streamed_layer(self, msg: frames.GetMessage, *, yielded: int,
                            num_chunks: int | None) -> int | None:
         """Place one layer-major message; the position of a layer to yield now, or None.
 
@@ -240,7 +240,7 @@ class GetAssembler:
                               "number of chunks; retry the call")
         return done if done is not None and done >= yielded else None
 
-    def _start(self, msg: pb.GetResponse) -> None:
+    def _start(self, msg: frames.GetMessage) -> None:
         n = msg.num_chunks
         if n == 0:
             raise Corrupt("daemon sent a Get message announcing 0 chunks")
@@ -250,14 +250,14 @@ class GetAssembler:
                              lay.head_dim), dtype=NUMPY_STORAGE[lay.dtype])
         if self.layer_major:
             order = [(c, layer) for layer in self.layers for c in range(n)]
-        elif msg.HasField("layer"):
+        elif msg.layer is not None:
             order = [(c, layer) for c in range(n) for layer in self.layers]
             self._per_chunk_msgs = len(self.layers)
         else:
             order = [(c, None) for c in range(n)]
         self._expected = iter(order)
 
-    def _decode_object(self, msg: pb.GetResponse) -> np.ndarray:
+    def _decode_object(self, msg: frames.GetMessage) -> np.ndarray:
         header, arr = decode_raw(msg.data, verify=True)  # raises Corrupt
         lay = self.layout
         seen = (header.dtype, header.num_layers, header.num_kv_heads, header.head_dim,
@@ -268,11 +268,11 @@ class GetAssembler:
                           f"heads, head_dim, tokens) {seen}, expected {want}")
         return arr
 
-    def _decode_layer(self, msg: pb.GetResponse) -> np.ndarray:
+    def _decode_layer(self, msg: frames.GetMessage) -> np.ndarray:
         lay = self.layout
         shape = (2, lay.num_kv_heads, self.tokens_per_chunk, lay.head_dim)
         want_bytes = int(np.prod(shape)) * lay.itemsize
-        data = msg.data  # upb copies a bytes field on every access: read it once
+        data = msg.data
         if len(data) != want_bytes:
             raise Corrupt(f"chunk {msg.chunk_index} layer {msg.layer}: {len(data)} bytes, "
                           f"expected {want_bytes}")
