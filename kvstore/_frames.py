@@ -107,6 +107,8 @@ def parse_get_response(message: bytes) -> GetMessage:
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
+        if not 1 <= number < 1 << 29:
+            raise Corrupt(f"GetResponse: field number {number} is out of range")
         if wire == 0:
             value, pos = _read_varint(buf, pos)
             if number in _GET_FIELDS:

@@ -96,13 +96,14 @@ def test_parse_get_response_skips_unknown_fields_and_keeps_the_last_value() -> N
     b"\x0a\x01x",  # chunk_index (field 1) as bytes
     b"\x39\x00",  # fixed64 cut short
     b"\x0b",  # a group (wire type 3)
+    b"\x00\x00",  # field number 0
 ])
 def test_parse_get_response_raises_corrupt_on_malformed_bytes(wire: bytes) -> None:
     with pytest.raises(Corrupt):
         frames.parse_get_response(wire)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=64))
 def test_parse_get_response_never_accepts_what_protobuf_rejects(wire: bytes) -> None:
     try:
