@@ -1,7 +1,9 @@
 """Put/get throughput of SmolLM2-shaped raw chunks through the client and a daemon.
 
-Baselines measured in the same run: a memcpy of the same bytes (numpy copy) and a
-plain read of the daemon's own object files from disk. Prints JSON lines.
+Baselines measured in the same run: a memcpy of the same bytes (numpy copy), a bare
+gRPC stream of the same bytes, and a plain read of the daemon's own object files
+(against which the disk tier's own read, without gRPC, is also timed). Prints JSON
+lines.
 
     python bench/bench_store.py                 # 48 chunks of 5.9 MB (~280 MB)
     python bench/bench_store.py --chunks 4      # smoke size
@@ -22,6 +24,9 @@ from _common import best_seconds, daemon, emit  # noqa: E402
 from _grpc_baseline import bare_stream_mb_s  # noqa: E402
 
 from kvstore import Client, KVLayout  # noqa: E402
+from kvstore.config import DiskTierConfig  # noqa: E402
+from kvstore.keys import ChunkKey  # noqa: E402
+from kvstore.tiers.disk import DiskTier  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float16", chunk_tokens=256)
 
@@ -82,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         files = sorted(data_dir.rglob("*.kvc"))
         read_s = best_seconds(lambda: _read_files(files), args.repeat)
         emit("store", "file_read", mb_per_s=mb / read_s, files=len(files), **common)
+        # The disk tier's own read of the same files (read + XXH3-64 verify), no gRPC.
+        tier = DiskTier(DiskTierConfig(path=str(data_dir), capacity_bytes=4 * nbytes,
+                                       fsync=False, io="posix"))
+        keys = [ChunkKey(bytes.fromhex(f.stem)) for f in files]
+        # each object dropped before the next read, as in the file-read baseline
+        tier_s = best_seconds(lambda: sum(len(tier.get(k) or b"") for k in keys), args.repeat)
+        tier.close()
+        emit("store", "disk_tier_read", mb_per_s=mb / tier_s, vs_file_read=read_s / tier_s,
+             **common)
         with daemon(data_dir, "--config", str(config)) as address:
             with Client(address, namespace="bench", layout=LAYOUT, transport="stream") as client:
                 got = client.get(tokens, as_numpy=True)
