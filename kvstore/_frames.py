@@ -45,10 +45,11 @@ def _varint(value: int) -> bytes:
 
 
 def get_response(*, chunk_index: int, data: Any, num_chunks: int, layer: int | None = None,
-                 checksum_xxh3: int = 0) -> bytes:
+                 checksum_xxh3: int = 0, num_chunks_in_data: int = 0) -> bytes:
     """A serialised ``GetResponse`` carrying ``data`` (any bytes-like object)."""
-    head = pb.GetResponse(chunk_index=chunk_index, layer=layer,
-                          checksum_xxh3=checksum_xxh3, num_chunks=num_chunks).SerializeToString()
+    head = pb.GetResponse(chunk_index=chunk_index, layer=layer, checksum_xxh3=checksum_xxh3,
+                          num_chunks=num_chunks,
+                          num_chunks_in_data=num_chunks_in_data).SerializeToString()
     return b"".join((head, _GET_RESPONSE_DATA, _varint(len(data)), data))
 
 
@@ -76,9 +77,11 @@ class GetMessage:
     data: memoryview
     checksum_xxh3: int
     num_chunks: int
+    num_chunks_in_data: int = 1  # chunks of ``layer`` in ``data`` (layer-major order)
 
 
-_GET_FIELDS = {1: "chunk_index", 2: "layer", 4: "checksum_xxh3", 5: "num_chunks"}  # varints
+_GET_FIELDS = {1: "chunk_index", 2: "layer", 4: "checksum_xxh3", 5: "num_chunks",
+               6: "num_chunks_in_data"}  # varints
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -134,7 +137,8 @@ def parse_get_response(message: bytes) -> GetMessage:
     return GetMessage(chunk_index=fields.get("chunk_index", 0) & 0xFFFFFFFF,
                       layer=fields["layer"] & 0xFFFFFFFF if "layer" in fields else None,
                       data=data, checksum_xxh3=fields.get("checksum_xxh3", 0),
-                      num_chunks=fields.get("num_chunks", 0) & 0xFFFFFFFF)
+                      num_chunks=fields.get("num_chunks", 0) & 0xFFFFFFFF,
+                      num_chunks_in_data=(fields.get("num_chunks_in_data", 0) & 0xFFFFFFFF) or 1)
 
 
 def serialize(message: Any) -> bytes:

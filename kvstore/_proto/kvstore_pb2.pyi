@@ -127,34 +127,38 @@ class PutResponse(_message.Message):
     def __init__(self, num_chunks_stored: _Optional[int] = ..., num_chunks_present: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "tokens_le_i32", "order", "layers", "encoded", "position_free")
+    __slots__ = ("namespace", "tokens_le_i32", "order", "layers", "encoded", "position_free", "max_response_bytes")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     namespace: Namespace
     tokens_le_i32: bytes
     order: Order
     layers: _containers.RepeatedScalarFieldContainer[int]
     encoded: bool
     position_free: bool
-    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., order: _Optional[_Union[Order, str]] = ..., layers: _Optional[_Iterable[int]] = ..., encoded: _Optional[bool] = ..., position_free: _Optional[bool] = ...) -> None: ...
+    max_response_bytes: int
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., order: _Optional[_Union[Order, str]] = ..., layers: _Optional[_Iterable[int]] = ..., encoded: _Optional[bool] = ..., position_free: _Optional[bool] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("chunk_index", "layer", "data", "checksum_xxh3", "num_chunks")
+    __slots__ = ("chunk_index", "layer", "data", "checksum_xxh3", "num_chunks", "num_chunks_in_data")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_XXH3_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_IN_DATA_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     layer: int
     data: bytes
     checksum_xxh3: int
     num_chunks: int
-    def __init__(self, chunk_index: _Optional[int] = ..., layer: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum_xxh3: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    num_chunks_in_data: int
+    def __init__(self, chunk_index: _Optional[int] = ..., layer: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum_xxh3: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_chunks_in_data: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("namespace", "tokens_le_i32", "position_free")

@@ -6,8 +6,10 @@ Wire details the client relies on (see the proto for the fields):
   ``min(1 MiB, max_message_bytes - 64 KiB)``: no message exceeds the limit, and
   mid-sized messages stream fastest through gRPC Python.
 - Get returns, per chunk, one KVC1 object (encoded, or raw when no layer filter is
-  sent and the object fits a message: see ``stream_layers``), or one message per
-  (chunk, layer) carrying ``[2, heads, tokens, dim]`` bytes and their XXH3-64.
+  sent and the object fits both ends' message limits), or one message per
+  (chunk, layer) carrying ``[2, heads, tokens, dim]`` bytes and their XXH3-64; in
+  layer-major order a message may carry one layer of several consecutive chunks
+  (``num_chunks_in_data``) under one XXH3-64.
   Every object and layer is verified here; bad bytes raise Corrupt.
 - A chunk-major stream may end early (a chunk evicted after the daemon's
   lookup): the result is then the complete leading chunks received.
@@ -28,7 +30,7 @@ from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client._codec import encode_chunk
 from kvstore.client._tensors import NUMPY_STORAGE, to_storage
-from kvstore.codec.format import FLAG_POSITION_FREE, HEADER_BYTES
+from kvstore.codec.format import FLAG_POSITION_FREE
 from kvstore.codec.raw import decode_raw
 from kvstore.errors import Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import tokens_to_array
@@ -120,27 +122,14 @@ def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first
 
 
 def get_request(namespace: pb.Namespace, tokens: np.ndarray, *, layers: Sequence[int] | None,
-                layer_major: bool, position_free: bool, encoded: bool = False) -> pb.GetRequest:
+                layer_major: bool, position_free: bool, max_response_bytes: int,
+                encoded: bool = False) -> pb.GetRequest:
+    """A Get request; ``max_response_bytes`` is this client's receive limit, so the daemon
+    sends raw chunks per layer (and smaller layer groups) when whole ones would not fit."""
     order = pb.ORDER_LAYER_MAJOR if layer_major else pb.ORDER_CHUNK_MAJOR
     return pb.GetRequest(namespace=namespace, tokens_le_i32=tokens.tobytes(), order=order,
                          layers=list(layers or ()), position_free=position_free,
-                         encoded=encoded)
-
-
-def stream_layers(chosen: list[int] | None, layout: KVLayout, tokens_per_chunk: int,
-                  receive_bytes: int) -> list[int] | None:
-    """The layer filter to send with a chunk-major raw Get.
-
-    Without a filter the daemon sends each chunk as one raw object; when such an
-    object would exceed what this client accepts in one message, ask for every layer
-    explicitly, which the daemon answers with one message per (chunk, layer).
-    """
-    if chosen is not None:
-        return chosen
-    payload = (layout.num_layers * 2 * layout.num_kv_heads * tokens_per_chunk
-               * layout.head_dim * layout.itemsize)
-    whole = HEADER_BYTES + 4 * 2 * layout.num_layers + payload  # raw: 2 sections per layer
-    return None if whole <= receive_bytes else list(range(layout.num_layers))
+                         encoded=encoded, max_response_bytes=max_response_bytes)
 
 
 def fetch_blocks_request(namespace: pb.Namespace, tokens: Any, layer: int, kind: int,
@@ -211,20 +200,26 @@ class GetAssembler:
         """Place one message; returns the position (in ``layers``) of a layer it completed."""
         if self.out is None:
             self._start(msg)
-        seen = (msg.chunk_index, msg.layer)
-        want = next(self._expected, None)  # type: ignore[arg-type]
-        if seen != want or msg.num_chunks != self.num_chunks:
-            raise Corrupt(f"daemon sent (chunk, layer) {seen} of {msg.num_chunks} chunks, "
-                          f"expected {want} of {self.num_chunks}")
-        self._received += 1
-        span = slice(msg.chunk_index * self.tokens_per_chunk,
-                     (msg.chunk_index + 1) * self.tokens_per_chunk)
-        if seen[1] is None:
+        n = msg.num_chunks_in_data
+        if n > 1 and not self.layer_major:
+            raise Corrupt(f"daemon sent {n} chunks in one message of a chunk-major stream")
+        for k in range(n):  # a layer-major message may hold one layer of n chunks
+            seen = (msg.chunk_index + k, msg.layer)
+            want = next(self._expected, None)  # type: ignore[arg-type]
+            if seen != want or msg.num_chunks != self.num_chunks:
+                raise Corrupt(f"daemon sent (chunk, layer) {seen} of {msg.num_chunks} chunks, "
+                              f"expected {want} of {self.num_chunks}")
+        self._received += n
+        t = self.tokens_per_chunk
+        if msg.layer is None:
+            span = slice(msg.chunk_index * t, (msg.chunk_index + 1) * t)
             self.out[:, :, :, span, :] = self._decode_object(msg)  # type: ignore[index]
             return None
-        position = self.layers.index(seen[1])
-        self.out[position, :, :, span, :] = self._decode_layer(msg)  # type: ignore[index]
-        self._layer_counts[position] = self._layer_counts.get(position, 0) + 1
+        position = self.layers.index(msg.layer)
+        for k, block in enumerate(self._decode_layer(msg, n)):
+            c = msg.chunk_index + k
+            self.out[position, :, :, c * t : (c + 1) * t, :] = block  # type: ignore[index]
+        self._layer_counts[position] = self._layer_counts.get(position, 0) + n
         return position if self._layer_counts[position] == self.num_chunks else None
 
     def add_streamed_layer(self, msg: frames.GetMessage, *, yielded: int,
@@ -268,9 +263,10 @@ class GetAssembler:
                           f"heads, head_dim, tokens) {seen}, expected {want}")
         return arr
 
-    def _decode_layer(self, msg: frames.GetMessage) -> np.ndarray:
+    def _decode_layer(self, msg: frames.GetMessage, n: int) -> np.ndarray:
+        """``[n, 2, heads, tokens, dim]``: one layer of ``n`` consecutive chunks."""
         lay = self.layout
-        shape = (2, lay.num_kv_heads, self.tokens_per_chunk, lay.head_dim)
+        shape = (n, 2, lay.num_kv_heads, self.tokens_per_chunk, lay.head_dim)
         want_bytes = int(np.prod(shape)) * lay.itemsize
         data = msg.data
         if len(data) != want_bytes:

@@ -132,7 +132,8 @@ class AsyncClient:
                 yield layer, from_storage(arr_l, self.layout.dtype, as_numpy=as_numpy)
             return
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=True,
-                                    position_free=False)
+                                    position_free=False,
+                                    max_response_bytes=self.max_message_bytes)
         deadline = time.monotonic() + self._conns.timeout_s
         yielded, num_chunks, failures = 0, None, []
         for index in self._conns.order():
@@ -277,11 +278,9 @@ class AsyncClient:
         if got is not local.STREAM:
             return None if got is None else from_storage(got, self.layout.dtype,
                                                          as_numpy=as_numpy)
-        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
-        request = proto.get_request(
-            self._ns, arr, layers=proto.stream_layers(chosen, self.layout, per_chunk,
-                                                      self._part_bytes),
-            layer_major=False, position_free=position_free)
+        request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
+                                    position_free=position_free,
+                                    max_response_bytes=self.max_message_bytes)
 
         async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
             asm = self._assembler(chosen, arr, layer_major=False, position_free=position_free)
@@ -296,7 +295,8 @@ class AsyncClient:
                            device: Any) -> Any:
         """Stream the objects as stored and decode them on a worker thread."""
         request = proto.get_request(self._ns, arr, layers=None, layer_major=False,
-                                    position_free=position_free, encoded=True)
+                                    position_free=position_free, encoded=True,
+                                    max_response_bytes=self.max_message_bytes)
 
         async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
             got = codecs.EncodedObjects()

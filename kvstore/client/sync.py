@@ -151,7 +151,8 @@ class Client:
                 yield layer, from_storage(arr_l, self.layout.dtype, as_numpy=as_numpy)
             return
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=True,
-                                    position_free=False)
+                                    position_free=False,
+                                    max_response_bytes=self.max_message_bytes)
         deadline = time.monotonic() + self._conns.timeout_s
         yielded, num_chunks, failures = 0, None, []
         for index in self._conns.order():
@@ -288,11 +289,9 @@ class Client:
         if out is not local.STREAM:
             return None if out is None else from_storage(out, self.layout.dtype,
                                                          as_numpy=as_numpy)
-        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
-        request = proto.get_request(
-            self._ns, arr, layers=proto.stream_layers(chosen, self.layout, per_chunk,
-                                                      self._part_bytes),
-            layer_major=False, position_free=position_free)
+        request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
+                                    position_free=position_free,
+                                    max_response_bytes=self.max_message_bytes)
 
         def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> Any:
             asm = self._assembler(chosen, arr, layer_major=False, position_free=position_free)
@@ -307,7 +306,8 @@ class Client:
                      device: Any) -> Any:
         """Stream the objects as stored and decode them here (always streamed)."""
         request = proto.get_request(self._ns, arr, layers=None, layer_major=False,
-                                    position_free=position_free, encoded=True)
+                                    position_free=position_free, encoded=True,
+                                    max_response_bytes=self.max_message_bytes)
 
         def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> list[bytes]:
             got = codecs.EncodedObjects()

@@ -343,11 +343,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if num == 0:
             return
         keys = keys[:num]
+        limit = self._chunks.message_limit(request.max_response_bytes)
         if layer_major:
-            stream = self._chunks.layer_major(keys, layers, context)
+            stream = self._chunks.layer_major(keys, layers, context, limit=limit)
         else:
             stream = self._chunks.chunk_major(keys, request.encoded, layers, context,
-                                              layer_filter=bool(request.layers))
+                                              layer_filter=bool(request.layers), limit=limit)
         async for message in stream:
             self._counters.add_bytes(sent=len(message))  # framed: payload + a few bytes
             yield message

@@ -9,7 +9,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+import xxhash
 
+from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import Client
 from kvstore.client._protocol import GetAssembler
@@ -281,7 +283,7 @@ def test_get_assembler_rejects_a_bad_layer_checksum(layout):
     msg = pb.GetResponse(chunk_index=0, layer=0, data=data, checksum_xxh3=123, num_chunks=1)
     asm = GetAssembler(layout, 16, [0], layer_major=True)
     with pytest.raises(Corrupt, match="checksum"):
-        asm.add(msg)
+        asm.add(frames.parse_get_response(msg.SerializeToString()))
 
 
 def test_get_assembler_rejects_an_out_of_order_message(layout):
@@ -290,7 +292,31 @@ def test_get_assembler_rejects_an_out_of_order_message(layout):
     obj = encode_raw(make_kv(layout, 16), layout)
     asm = GetAssembler(layout, 16, list(range(layout.num_layers)), layer_major=False)
     with pytest.raises(Corrupt, match="expected"):
-        asm.add(pb.GetResponse(chunk_index=1, data=obj, num_chunks=2))
+        asm.add(frames.parse_get_response(
+            pb.GetResponse(chunk_index=1, data=obj, num_chunks=2).SerializeToString()))
+
+
+def test_get_assembler_places_grouped_layer_messages_and_rejects_gaps(layout):
+    kv = make_kv(layout, 48)  # 3 chunks of 16 tokens
+    def layer_of(layer, first, n):
+        data = np.ascontiguousarray(np.stack(
+            [kv[layer, :, :, c * 16:(c + 1) * 16] for c in range(first, first + n)])).tobytes()
+        return frames.parse_get_response(frames.get_response(
+            chunk_index=first, layer=layer, data=data, checksum_xxh3=xxhash.xxh3_64_intdigest(data),
+            num_chunks=3, num_chunks_in_data=n))
+
+    asm = GetAssembler(layout, 16, list(range(layout.num_layers)), layer_major=True)
+    for layer in range(layout.num_layers):
+        assert asm.add(layer_of(layer, 0, 2)) is None
+        assert asm.add(layer_of(layer, 2, 1)) == layer
+    assert np.array_equal(asm.result(), kv)
+    gap = GetAssembler(layout, 16, [0], layer_major=True)
+    gap.add(layer_of(0, 0, 1))
+    with pytest.raises(Corrupt, match="expected"):
+        gap.add(layer_of(0, 2, 1))  # chunk 1 skipped
+    chunk_major = GetAssembler(layout, 16, [0], layer_major=False)
+    with pytest.raises(Corrupt, match="chunk-major"):
+        chunk_major.add(layer_of(0, 0, 2))
 
 
 def test_client_with_a_small_message_limit_gets_big_chunks_layer_by_layer(tmp_path):

@@ -17,16 +17,16 @@ DELAY_S = 0.15  # the slowed daemon waits this long before producing each later 
 def slow_layers(monkeypatch):
     """Slow the daemon's layer-major stream and record when each layer starts leaving it."""
     produced: dict[int, float] = {}
-    original = get._layer_message
+    original = get._layer_group_message
 
-    def delayed(raw, index, layer, num_chunks):
-        if index == 0:
+    def delayed(raws, first, layer, num_chunks):
+        if first == 0:
             if layer > 0:
                 time.sleep(DELAY_S)  # a slow producer between layers
             produced[layer] = time.monotonic()
-        return original(raw, index, layer, num_chunks)
+        return original(raws, first, layer, num_chunks)
 
-    monkeypatch.setattr(get, "_layer_message", delayed)
+    monkeypatch.setattr(get, "_layer_group_message", delayed)
     return produced
 
 

@@ -150,6 +150,25 @@ def test_raw_get_sends_whole_objects_unless_layers_are_filtered(stub, layout):
     assert per_layer[1].data == decode_raw(objs[0])[1][1].tobytes()
 
 
+def test_layer_major_groups_chunks_per_message_within_the_clients_limit(stub, layout):
+    tokens, objs = _objects(layout, 3)
+    stub.Put(iter([_header(layout, tokens)] + [_chunk(i, o) for i, o in enumerate(objs)]))
+    request = dict(namespace=_ns(layout), tokens_le_i32=tokens.tobytes(),
+                   order=pb.ORDER_LAYER_MAJOR)
+    grouped = list(stub.Get(pb.GetRequest(**request)))
+    assert [(m.layer, m.chunk_index, m.num_chunks_in_data) for m in grouped] == [
+        (layer, 0, 3) for layer in range(layout.num_layers)]
+    layer1 = np.concatenate([decode_raw(o)[1][1] for o in objs], axis=0)  # [3 * 2, ...]
+    assert grouped[1].data == layer1.tobytes()
+    one_layer = len(decode_raw(objs[0])[1][0].tobytes())
+    small = list(stub.Get(pb.GetRequest(**request, max_response_bytes=2 * one_layer + 1024)))
+    assert [(m.layer, m.chunk_index, m.num_chunks_in_data) for m in small][:2] == [
+        (0, 0, 2), (0, 2, 0)]
+    whole = list(stub.Get(pb.GetRequest(namespace=_ns(layout), tokens_le_i32=tokens.tobytes(),
+                                        max_response_bytes=len(objs[0]))))
+    assert all(m.HasField("layer") for m in whole)  # whole objects would not fit: per layer
+
+
 def test_raw_chunks_over_the_message_limit_are_sent_per_layer(tmp_path):
     # Over the daemon's limit (2 MiB) and over a client's (1 MiB): both get layers.
     config = make_config(tmp_path / "d", **{"server.max_message_bytes": 2 << 20})
