@@ -89,6 +89,9 @@ def _bench_layer_overlap(address: str, repeat: int) -> None:
     with Client(address, "overlap", LAYOUT, transport="stream") as client:
         client.put(tokens, kv)
         get_s = min(_timed(lambda: client.get(tokens, as_numpy=True)) for _ in range(repeat))
+        # the layered stream alone (no work): what the overlap can at best hide behind
+        layers_s = min(_timed(lambda: list(client.get_layers(tokens, as_numpy=True)))
+                       for _ in range(repeat))
         work_s = get_s / LAYOUT.num_layers  # balanced: as much work as transfer per layer
 
         def serial() -> None:
@@ -105,6 +108,7 @@ def _bench_layer_overlap(address: str, repeat: int) -> None:
     hidden = (best["serial"] - best["layered"]) / min(get_s, total_work)
     emit("local", "layer_overlap", serial_s=round(best["serial"], 4),
          layered_s=round(best["layered"], 4), get_s=round(get_s, 4),
+         get_layers_s=round(layers_s, 4),
          work_s=round(total_work, 4), fraction_hidden=round(hidden, 3),
          bytes=kv.nbytes, chunks=chunks,
          note="per-layer work is a sleep (a GPU kernel's stand-in: no CPU held)")

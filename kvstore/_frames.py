@@ -46,11 +46,14 @@ def _varint(value: int) -> bytes:
 
 def get_response(*, chunk_index: int, data: Any, num_chunks: int, layer: int | None = None,
                  checksum_xxh3: int = 0, num_chunks_in_data: int = 0) -> bytes:
-    """A serialised ``GetResponse`` carrying ``data`` (any bytes-like object)."""
+    """A serialised ``GetResponse`` carrying ``data``: a bytes-like object, or a list of
+    them sent back to back (joined once, here)."""
+    parts = data if isinstance(data, list) else [data]
     head = pb.GetResponse(chunk_index=chunk_index, layer=layer, checksum_xxh3=checksum_xxh3,
                           num_chunks=num_chunks,
                           num_chunks_in_data=num_chunks_in_data).SerializeToString()
-    return b"".join((head, _GET_RESPONSE_DATA, _varint(len(data)), data))
+    size = sum(len(part) for part in parts)
+    return b"".join((head, _GET_RESPONSE_DATA, _varint(size), *parts))
 
 
 def fetch_blocks_response(*, data: Any, block_bytes: int) -> bytes:
@@ -80,8 +83,10 @@ class GetMessage:
     num_chunks_in_data: int = 1  # chunks of ``layer`` in ``data`` (layer-major order)
 
 
-_GET_FIELDS = {1: "chunk_index", 2: "layer", 4: "checksum_xxh3", 5: "num_chunks",
-               6: "num_chunks_in_data"}  # varints
+# Field number -> wire type of GetResponse; every field but data (3) is a varint.
+_GET_WIRE = {1: 0, 2: 0, 3: 2, 4: 0, 5: 0, 6: 0}
+_GET_VARINTS = {1: "chunk_index", 2: "layer", 4: "checksum_xxh3", 5: "num_chunks",
+                6: "num_chunks_in_data"}
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -112,11 +117,12 @@ def parse_get_response(message: bytes) -> GetMessage:
         number, wire = key >> 3, key & 7
         if not 1 <= number < 1 << 29:
             raise Corrupt(f"GetResponse: field number {number} is out of range")
+        if _GET_WIRE.get(number, wire) != wire or wire not in (0, 1, 2, 5):
+            raise Corrupt(f"GetResponse: field {number} has wire type {wire}")
         if wire == 0:
             value, pos = _read_varint(buf, pos)
-            if number in _GET_FIELDS:
-                fields[_GET_FIELDS[number]] = value & 0xFFFFFFFFFFFFFFFF
-                continue
+            if number in _GET_VARINTS:
+                fields[_GET_VARINTS[number]] = value & 0xFFFFFFFFFFFFFFFF
         elif wire == 2:
             size, pos = _read_varint(buf, pos)
             if pos + size > len(buf):
@@ -125,13 +131,8 @@ def parse_get_response(message: bytes) -> GetMessage:
             if number == 3:
                 data = buf[pos : pos + size]
             pos += size
-            if number == 3 or number not in _GET_FIELDS:
-                continue
-        elif wire in (1, 5) and number not in _GET_FIELDS and number != 3:
+        else:  # fixed64 / fixed32 of an unknown field
             pos += 8 if wire == 1 else 4
-            continue
-        if number in _GET_FIELDS or number == 3 or wire not in (0, 1, 2, 5):
-            raise Corrupt(f"GetResponse: field {number} has wire type {wire}")
     if pos != len(buf):
         raise Corrupt("GetResponse: last field runs past the message")
     return GetMessage(chunk_index=fields.get("chunk_index", 0) & 0xFFFFFFFF,

@@ -83,9 +83,9 @@ class ChunkStreamer:
         """Layer by layer; each message carries one layer of as many consecutive chunks
         as fit ``LAYER_GROUP_BYTES`` (and the message limit).
 
-        *Why groups:* one message per (chunk, layer) of 196 KiB streamed ~1.3x slower
-        than whole-object messages (bench/bench_store.py), which ate the overlap that
-        layer-wise delivery exists for.
+        *Why groups:* fewer, larger messages stream faster through gRPC Python
+        (bench/bench_store.py); on this VM groups moved the layer-wise overlap of
+        bench_local.py only from -0.03 to 0.04 (docs/design.md §8).
         """
         # Every chunk is needed for layer 0, so load the run first; the count is then exact.
         loop = asyncio.get_running_loop()
@@ -98,8 +98,8 @@ class ChunkStreamer:
         for i, layer in enumerate(layers):
             for first in range(0, len(raws), group):
                 check_deadline(context, i * len(raws) + first, len(raws) * len(layers))
-                yield _layer_group_message(raws[first : first + group], first, layer,
-                                           len(raws))
+                yield _layer_message(raws[first : first + group], first, layer,
+                                     len(raws))
 
     async def chunk_major(self, keys: list[ChunkKey], encoded: bool, layers: list[int],
                           context: Any, *, layer_filter: bool, limit: int
@@ -109,8 +109,9 @@ class ChunkStreamer:
 
         Whole raw objects: with hand-framed messages (kvstore._frames) gRPC streams a
         5.9 MB message faster than 30 of 196 KiB (bench/bench_store.py: get from DRAM
-        ~1.6x); raw objects of one namespace all have the same size, so a stream is
-        either whole objects throughout or per layer throughout.
+        ~1.25x, ``client_get_dram`` vs ``client_get_dram_per_layer``); raw objects of
+        one namespace all have the same size, so a stream is either whole objects
+        throughout or per layer throughout.
         """
         loop = asyncio.get_running_loop()
         pending = loop.run_in_executor(self._executor, self.load, keys[0], encoded)
@@ -125,7 +126,7 @@ class ChunkStreamer:
             fits = len(obj) + ENVELOPE_BYTES <= limit
             if not encoded and (layer_filter or not fits):
                 for layer in layers:
-                    yield _layer_message(obj, index, layer, len(keys))
+                    yield _layer_message([obj], index, layer, len(keys))
                 continue
             if not fits:
                 raise CapacityExhausted(
@@ -136,17 +137,13 @@ class ChunkStreamer:
             yield frames.get_response(chunk_index=index, data=obj, num_chunks=len(keys))
 
 
-def _layer_group_message(raws: list[bytes], first: int, layer: int, num_chunks: int) -> bytes:
-    if len(raws) == 1:
-        return _layer_message(raws[0], first, layer, num_chunks)
-    data = b"".join(objects.layer_bytes(raw, layer) for raw in raws)
-    return frames.get_response(chunk_index=first, layer=layer, data=data,
-                               checksum_xxh3=xxhash.xxh3_64_intdigest(data),
-                               num_chunks=num_chunks, num_chunks_in_data=len(raws))
-
-
-def _layer_message(raw: bytes, index: int, layer: int, num_chunks: int) -> bytes:
-    data = objects.layer_bytes(raw, layer)  # [2, heads, tokens, dim]
-    return frames.get_response(chunk_index=index, layer=layer, data=data,
-                               checksum_xxh3=xxhash.xxh3_64_intdigest(data),
-                               num_chunks=num_chunks)
+def _layer_message(raws: list[bytes], first: int, layer: int,
+                   num_chunks: int) -> bytes:
+    """One layer of consecutive chunks ``first..`` (``[2, heads, tokens, dim]`` each)."""
+    parts = [objects.layer_bytes(raw, layer) for raw in raws]
+    hasher = xxhash.xxh3_64()
+    for part in parts:
+        hasher.update(part)
+    return frames.get_response(chunk_index=first, layer=layer, data=parts,
+                               checksum_xxh3=hasher.intdigest(), num_chunks=num_chunks,
+                               num_chunks_in_data=len(parts) if len(parts) > 1 else 0)

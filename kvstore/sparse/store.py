@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import xxhash
 
+from kvstore.client._protocol import PART_HEADROOM_BYTES
 from kvstore.codec.raw import decode_raw, encode_raw
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument
 from kvstore.layout import KVLayout
@@ -248,7 +249,6 @@ _MANIFEST_BODY = struct.Struct("<4sHHQQQQ")
 MANIFEST_BYTES = 48
 assert _MANIFEST_BODY.size + 8 == MANIFEST_BYTES
 _TOKEN_BYTES = 4  # a PutBlob request carries its tokens as int32 beside the data
-_ENVELOPE_BYTES = 64 << 10  # room for the PutBlob fields around the data and tokens
 _MIN_PART_BYTES = 64 << 10  # below this, parts would be mostly envelope
 # Parts stay this small under a larger message limit: on loopback 4-8 MiB parts move a
 # 24-576 MB blob fastest, 64 MiB ones take 1.3-2.4x as long (bench_blob_parts.py).
@@ -316,9 +316,9 @@ class PartedBlobs:
 
     def __init__(self, client: Any, max_part_bytes: int = MAX_PART_BYTES) -> None:
         self.client, self.max_part_bytes = client, max_part_bytes
-        # What the client sends per message: its max_message_bytes less 64 KiB for the
-        # envelope (as the client's own Put parts leave).
-        self._payload_bytes: int = client.max_message_bytes - _ENVELOPE_BYTES
+        # What the client sends per message: its max_message_bytes less the envelope
+        # headroom its own Put parts leave.
+        self._payload_bytes: int = client.max_message_bytes - PART_HEADROOM_BYTES
         self.num_broken = 0  # parted blobs read with a part missing or not matching
 
     def part_bytes(self, tokens: Sequence[int]) -> int:

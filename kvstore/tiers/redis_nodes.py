@@ -38,8 +38,8 @@ _SCHEMES = {  # scheme -> (kind, tls)
 NODE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # redis-py packs commands with hiredis when it is installed, and hiredis copies every
-# value into one freshly grown buffer: 380-460 us per 256 KiB value and 10-12 ms per
-# 5.9 MB one here (0.5-0.7 GB/s; bench/bench_micro.py), against 2 us for redis-py's own
+# value into one freshly grown buffer: up to 380-460 us per 256 KiB value and 10-12 ms
+# per 5.9 MB one here (0.5-0.7 GB/s; bench/bench_micro.py), against 2 us for redis-py's own
 # Python packer, which hands values over 6000 bytes to the socket as they are.
 # The reply parser stays hiredis.
 _PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)

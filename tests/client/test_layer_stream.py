@@ -17,7 +17,7 @@ DELAY_S = 0.15  # the slowed daemon waits this long before producing each later 
 def slow_layers(monkeypatch):
     """Slow the daemon's layer-major stream and record when each layer starts leaving it."""
     produced: dict[int, float] = {}
-    original = get._layer_group_message
+    original = get._layer_message
 
     def delayed(raws, first, layer, num_chunks):
         if first == 0:
@@ -26,7 +26,7 @@ def slow_layers(monkeypatch):
             produced[layer] = time.monotonic()
         return original(raws, first, layer, num_chunks)
 
-    monkeypatch.setattr(get, "_layer_group_message", delayed)
+    monkeypatch.setattr(get, "_layer_message", delayed)
     return produced
 
 
