@@ -72,3 +72,11 @@ def test_small_lookup_is_answered_while_a_large_request_hashes(tmp_path):
         thread.join(timeout=120)
         assert big_done and small_done < big_done[0], "the big request ended first: too small"
         assert max(latencies) < 0.5, latencies
+
+
+def test_message_over_max_message_bytes_is_resource_exhausted(tmp_path):
+    config = make_config(tmp_path / "data", **{"server.max_message_bytes": 1 << 20})
+    with ServerThread(config) as server:
+        with pytest.raises(grpc.RpcError) as info:
+            _lookup(server.address, 300_000, chunk_tokens=256)  # 1.2 MB of token ids
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
