@@ -312,27 +312,29 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # ------------------------------------------------------------ blobs
 
-    def _blob_address(self, request: Any, tenant: str | None
-                      ) -> tuple[Namespace, Any, str, ChunkKey]:
-        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated."""
+    async def _blob_address(self, request: Any, tenant: str | None
+                            ) -> tuple[Namespace, Any, str, ChunkKey]:
+        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated; the
+        key is hashed on the pool (up to max_request_tokens ids)."""
         namespace = self._namespace(request, tenant)
         tokens = tokens_from_bytes(request.tokens_le_i32)
         self._limits.check(namespace, tokens.size, position_free=True)  # one key, one hash
         blobs.check_tokens(tokens)
         kind = blobs.check_kind(request.kind)
-        return namespace, tokens, kind, blobs.blob_key(namespace, tokens, kind)
+        key = await self._run(blobs.blob_key, namespace, tokens, kind)
+        return namespace, tokens, kind, key
 
     @_rpc
     async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
-        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        namespace, tokens, kind, key = await self._blob_address(request, tenant)
         data = request.data  # upb copies a bytes field on every access: read it once
         if len(data) + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
                 f"a {len(data)}-byte blob would not fit a GetBlob reply under the "
                 f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
-        obj = blobs.wrap(namespace, tokens.size, kind, data)
 
         def store() -> bool:
+            obj = blobs.wrap(namespace, tokens.size, kind, data)  # checksums: off the loop
             self._registry.register(namespace)  # a blob fixes the layout like a chunk does
             # Unlike a chunk, a blob is not content-addressed: the last put wins (a
             # client that rejected a stored bundle replaces it with a recomputed one).
@@ -346,7 +348,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     async def GetBlob(self, request: pb.GetBlobRequest, context: Any, tenant: str | None):
-        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        namespace, tokens, kind, key = await self._blob_address(request, tenant)
 
         def load() -> bytes | None:
             obj = self._engine.get(key)
