@@ -131,3 +131,16 @@ def test_get_order_out_of_range_is_invalid_argument(server, layout):
         request = pb.GetRequest(namespace=_ns(layout), tokens_le_i32=b"\0" * 64, order=7)
         assert _call(channel, SERVICE.methods_by_name["Get"], request, None) is \
             grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_garbage_after_a_valid_put_header_is_invalid_argument(server, layout):
+    from tests.server.test_service import _ns
+
+    header = pb.PutRequest(header=pb.PutHeader(namespace=_ns(layout),
+                                               tokens_le_i32=b"\0" * 4 * 64)).SerializeToString()
+    with grpc.insecure_channel(server.address) as channel:
+        put = channel.stream_unary(f"/{SERVICE.full_name}/Put")
+        with pytest.raises(grpc.RpcError) as info:
+            put(iter([header, GARBAGE[0]]), timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "do not parse" in info.value.details()
