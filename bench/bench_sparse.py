@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
+from kvstore._progress import track  # noqa: E402
 from kvstore.integrations.smollm2 import load_smollm2, sample_text  # noqa: E402
 from kvstore.sparse import (  # noqa: E402
     BlockGeometry,
@@ -109,7 +110,8 @@ def run_dense(model, cfg_dense, k_pre, values, rope, fp, first_token, num_new):
 def run_sparse(model, cfg, k_pre, values, rope, fp, dense_tokens, dense_logits):
     decoder = make_decoder(model, cfg, k_pre, values, rope, fp, observe=True)
     kls, agree, fetched, hits, misses = [], [], [], 0, 0
-    for step, token in enumerate(dense_tokens[:-1]):  # teacher-forced on the dense tokens
+    steps = track(list(enumerate(dense_tokens[:-1])), "bench_sparse: decode")
+    for step, token in steps:  # teacher-forced on the dense tokens
         logits, stats = decoder.step(token)
         kl, same = kl_and_agreement(dense_logits[step], logits)
         kls.append(kl)

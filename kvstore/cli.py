@@ -189,7 +189,11 @@ def _run_put(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{args.file} has tensors {sorted(tensors)}, put needs 'kv'")
     with client:
         stored = client.put(tensors["tokens"].numpy(), tensors["kv"])
-    print(f"stored {stored} of {tensors['tokens'].numel()} tokens")
+    num_tokens = tensors["tokens"].numel()
+    print(f"stored {stored} of {num_tokens} tokens")
+    if num_tokens % args.chunk_tokens:
+        print(f"the last {num_tokens % args.chunk_tokens} tokens are not stored: only whole "
+              f"{args.chunk_tokens}-token chunks are (--chunk-tokens)", file=sys.stderr)
     return 0
 
 

@@ -49,6 +49,13 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"  # HOST:PORT to bind; port 0 picks a free port
     allow_remote: bool = False  # must be true to bind anything but a loopback address
     max_message_bytes: int = 64 * MiB  # largest gRPC message in either direction
+    # Most token ids one request may carry (Lookup, Put, Get, ...); more is refused
+    # with INVALID_ARGUMENT before anything is hashed. Default 4,194,304 (16 MiB of ids).
+    max_request_tokens: int = 1 << 22
+    # Most chunk keys one request may address (tokens / chunk_tokens): each costs a
+    # hash and a lookup, so a tiny chunk_tokens cannot make one call hash for seconds.
+    # More is refused with INVALID_ARGUMENT. Default 65,536 (16M tokens at 256 a chunk).
+    max_request_chunks: int = 1 << 16
     tls_cert_file: str | None = None  # PEM certificate; with tls_key_file turns TLS on
     tls_key_file: str | None = None  # PEM private key
     tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> tenant; {} = no auth

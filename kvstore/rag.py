@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from kvstore._progress import track
 from kvstore.errors import InvalidArgument
 from kvstore.integrations._blend import blend
 from kvstore.integrations._rope import (
@@ -64,6 +65,7 @@ from kvstore.integrations.transformers import (
 
 log = logging.getLogger(__name__)
 
+PROGRESS_MIN_PASSAGES = 8  # fewer load in a blink: no bar
 _NUM_TAG_TOKENS = 4  # key tokens naming a chunk's lead (31 bits each)
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -215,6 +217,7 @@ def _load_context(
     lead: list[int],
     naive: bool = False,
     room: int = 0,
+    progress: bool = False,
 ) -> _Context:
     num_ctx = len(prefix) + sum(len(c) for c in chunks)
     model_dtype = next(model.parameters()).dtype
@@ -227,7 +230,8 @@ def _load_context(
         kv[:, :, :, : len(prefix)] = prefix_kv
     start, hits = len(prefix), 0
     encoder = _ChunkEncoder(model, lead, spec)
-    for chunk in chunks:
+    shown = progress and len(chunks) >= PROGRESS_MIN_PASSAGES
+    for chunk in track(chunks, "RAG passages", enabled=shown):
         chunk_kv, hit = _chunk_kv(client, encoder, chunk)
         hits += hit
         stop = start + len(chunk)
@@ -250,6 +254,7 @@ def build_cache(
     recompute_ratio: float = 0.15,
     query_aware: bool = False,
     chunk_lead: Sequence[int] | torch.Tensor | None = None,
+    progress: bool = True,
 ) -> tuple[Any, torch.Tensor, RagStats]:
     """A ready cache for ``prefix + chunks + query`` built from stored chunk KV.
 
@@ -268,6 +273,8 @@ def build_cache(
             conditioned on these tokens; only the chunk's rows are kept). None (default):
             the prefix, so stored chunks hit only under the same prefix; ``[]``: nothing,
             entries shared by every prefix. Entries of different leads never mix.
+        progress: with 8 passages or more, draw a bar of the passages loaded or
+            encoded on stderr when it is a terminal.
 
     Returns:
         ``(cache, logits, stats)``: a DynamicCache of the whole prompt, the
@@ -283,7 +290,8 @@ def build_cache(
     prefix_ids = [] if prefix is None else as_token_list(prefix)
     lead = prefix_ids if chunk_lead is None else as_token_list(chunk_lead)
     _check_inputs(model, client, chunk_ids, query_ids, recompute_ratio, lead)
-    ctx = _load_context(model, client, prefix_ids, chunk_ids, spec, lead, room=len(query_ids))
+    ctx = _load_context(model, client, prefix_ids, chunk_ids, spec, lead, room=len(query_ids),
+                        progress=progress)
     num_chunk_tokens = sum(len(c) for c in chunk_ids)
     num_prefix = len(prefix_ids)
     candidates = torch.zeros(num_prefix + num_chunk_tokens, dtype=torch.bool)

@@ -55,6 +55,23 @@ def test_put_then_get_round_trips_through_safetensors(server, layout, tmp_path, 
     assert "--num-layers" in capsys.readouterr().err
 
 
+def test_put_shorter_than_a_chunk_says_why_nothing_was_stored(server, layout, tmp_path,
+                                                              capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="kvstore.client")
+    src = tmp_path / "short.safetensors"
+    save_file({"tokens": torch.from_numpy(make_tokens(10)),
+               "kv": torch.from_numpy(make_kv(layout, 10))}, src)
+    assert main(["put", "--address", server.address, "--namespace", "cli", "--chunk-tokens",
+                 "16", "--file", str(src)]) == 0
+    captured = capsys.readouterr()
+    assert "stored 0 of 10 tokens" in captured.out
+    assert "the last 10 tokens are not stored: only whole 16-token chunks" in captured.err
+    assert [r.getMessage() for r in caplog.records if "stores nothing" in r.getMessage()] == [
+        "put of 10 tokens stores nothing: shorter than one 16-token chunk"]
+
+
 def test_serve_refuses_non_loopback_bind(tmp_path, capsys):
     code = main(["serve", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path)])
     assert code == 2 and "allow_remote" in capsys.readouterr().err

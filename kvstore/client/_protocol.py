@@ -17,6 +17,7 @@ Wire details the client relies on (see the proto for the fields):
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ from kvstore.codec.raw import decode_raw
 from kvstore.errors import Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import tokens_to_array
 from kvstore.layout import KVLayout
+
+log = logging.getLogger(__name__)
 
 PART_HEADROOM_BYTES = 64 << 10  # room for the PutRequest envelope around an object part
 # Put sends objects in parts of at most this size (or the message limit, if smaller):
@@ -94,6 +97,9 @@ def plan_put(layout: KVLayout, tokens: Any, kv: Any, *, position_free: bool) -> 
     data = to_storage(kv, layout)
     per_chunk = arr.size if position_free else layout.chunk_tokens
     num_chunks = 1 if position_free else arr.size // layout.chunk_tokens
+    if num_chunks == 0:  # only full chunks are stored (keys chain whole chunks)
+        log.debug("put of %d tokens stores nothing: shorter than one %d-token chunk",
+                  arr.size, layout.chunk_tokens)
     return PutPlan(arr, data, num_chunks, per_chunk, position_free)
 
 

@@ -110,6 +110,10 @@ def decode_many(objects: Sequence[bytes | memoryview], *, device: Any = None
     """
     if device is None or torch.device(device).type == "cpu":
         return [decode(data) for data in objects]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device={device!r} asks for a CUDA decode, but this torch has "
+                              "no usable CUDA device (torch.cuda.is_available() is False); "
+                              "pass device=None to decode on the CPU")
     return _decode_batched(objects, device)
 
 

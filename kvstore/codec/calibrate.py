@@ -224,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="sample text offsets (chars), one sample each")
     p.add_argument("--group-layers", type=int, default=5, help="layers sharing bins")
     p.add_argument("--out", type=Path, default=None, help="table path (default: data dir)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (shown on a terminal's stderr) and no INFO log")
     args = p.parse_args(argv)
     from kvstore.codec.calibrate_model import calibrate
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s")
     table = calibrate(args.model, args.prefix_tokens, args.eval_tokens, args.offset,
-                      args.group_layers)
+                      args.group_layers, progress=not args.quiet)
     path = save_table(table, args.out)
     print(f"calibration table {table.table_id:016x} written to {path}")  # CLI output
     for name, bins in table.levels.items():

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore._progress import Progress
 from kvstore.codec import section as sec
 from kvstore.codec.calibrate import (
     REFERENCE_BINS,
@@ -120,15 +121,28 @@ class _Sample:
 
 
 def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence[int],
-              group_layers: int) -> CalibrationTable:
+              group_layers: int, progress: bool = True) -> CalibrationTable:
     """Measure key weights and group sensitivities on samples at ``offsets`` and build
-    a table (calibrate.py describes the three steps)."""
+    a table (calibrate.py describes the three steps); ``progress`` draws a bar on a
+    terminal's stderr."""
     import torch
 
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+    from kvstore.integrations.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    num_groups = -(-model.config.num_hidden_layers // group_layers)
+    num_levels = sum(1 for level in LEVELS.values() if level.level_id)
+    with Progress("calibrate: prefill samples", len(offsets) + 2 * num_groups + num_levels,
+                  enabled=progress) as bar:
+        return _calibrate(model, tokenizer, model_name, num_prefix, num_eval, offsets,
+                          group_layers, bar)
+
+
+def _calibrate(model: Any, tokenizer: Any, model_name: str, num_prefix: int, num_eval: int,
+               offsets: Sequence[int], group_layers: int, bar: Progress) -> CalibrationTable:
+    from kvstore.integrations.smollm2 import sample_tokens
+
     samples, mean_squares = [], []
     for offset in offsets:
         ids = sample_tokens(tokenizer, num_prefix + num_eval, offset)
@@ -136,6 +150,7 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
         ref, ms = query_mean_squares(model, kv, ids, num_prefix, num_eval)
         samples.append(_Sample(ids, kv, ref))
         mean_squares.append(ms)
+        bar.advance(description="calibrate: sensitivity per layer group")
     num_layers, heads, dim = samples[0].kv.shape[0], samples[0].kv.shape[2], samples[0].kv.shape[4]
     layout = KVLayout(num_layers, heads, dim, "float16", 256)
     key_weights = normalise_weights(np.sqrt(np.mean(mean_squares, axis=0)))
@@ -155,6 +170,7 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
                 REFERENCE_BINS[kv_index] if i == kv_index and layer in group else None))
             log.info("%s layers %d-%d: KL %.5f", name, group[0], group[-1], kl)
             sens[name].append(kl)
+            bar.advance(description="calibrate: levels")
     first = make_table(model_name, layout, group_layers, sens, key_weights)
     targets = {}
     for level in LEVELS.values():
@@ -165,4 +181,5 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
         targets[level.name] = level.target_kl * min(1.0, level.target_kl / kl)
         log.info("%s: measured KL %.5f (target %.5f) -> allocation target %.5f",
                  level.name, kl, level.target_kl, targets[level.name])
+        bar.advance()
     return make_table(model_name, layout, group_layers, sens, key_weights, targets)

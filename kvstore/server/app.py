@@ -29,6 +29,7 @@ from kvstore.server.local import SameHostPolicy
 from kvstore.server.metrics import MetricsEndpoint, ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.service import KVStoreServicer
+from kvstore.server.wire import RequestLimits, lenient_deserializer
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,21 @@ class _HandlerCapture:
 
 
 def _add_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer with ``kvstore._frames.serialize`` as every response serializer.
+    """Register the servicer with ``kvstore._frames.serialize`` as every response serializer
+    and lenient request deserializers.
 
     The generated registration hard-wires ``SerializeToString``; Get's data messages
     are framed by hand instead (see ``kvstore._frames`` for why), so the handlers the
     generated code builds are captured and re-registered with the pass-through serializer.
+    Its ``FromString`` deserializers raise on bytes that do not parse, which gRPC
+    reports as UNKNOWN (with a traceback, before the caller is authenticated); the
+    lenient ones hand the servicer a ``MalformedRequest`` to refuse after auth.
     """
     capture = _HandlerCapture()
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, capture)
-    handlers = {name: handler._replace(response_serializer=frames.serialize)
+    handlers = {name: handler._replace(
+                    response_serializer=frames.serialize,
+                    request_deserializer=lenient_deserializer(handler.request_deserializer))
                 for name, handler in capture.handlers.items()}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(capture.service, handlers),))
@@ -144,9 +151,14 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
     host, port = check_listen(config.server)
     credentials = _server_credentials(config.server)
     limit = config.server.max_message_bytes
+    limits = RequestLimits(max_tokens=config.server.max_request_tokens,
+                           max_chunks=config.server.max_request_chunks)
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
+        # gRPC sets SO_REUSEPORT by default: a second daemon on the same address would
+        # bind too and the kernel would split clients between two separate stores.
+        ("grpc.so_reuseport", 0),
     ])
     executor = ThreadPoolExecutor(max_workers=max(1, config.server.io_threads),
                                   thread_name_prefix="kvstore-io")
@@ -155,7 +167,8 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
     same_host = SameHostPolicy(enabled=config.server.same_host,
                                arena_for_tenants=config.server.arena_for_tenants)
     servicer = KVStoreServicer(engine, registry, Authenticator(config.server.tokens), executor,
-                               counters, max_message_bytes=limit, same_host=same_host)
+                               counters, max_message_bytes=limit, limits=limits,
+                               same_host=same_host)
     _add_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -167,7 +180,8 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
             bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         executor.shutdown(wait=False)
-        raise InvalidArgument(f"cannot bind {address}: {exc}") from exc
+        raise InvalidArgument(f"cannot bind {address}: {exc} (is another daemon or program "
+                              "listening there? pick another --listen port)") from exc
     metrics = None
     if config.server.metrics_listen:
         metrics = MetricsEndpoint(config.server.metrics_listen, counters, engine.stats)

@@ -1,7 +1,9 @@
 """The grpc.aio servicer of kvstore.v1.KVStore: validates requests, calls the engine.
 
-Engine calls block (disk, Redis), so they run on a thread pool; the event loop
-only parses, validates and streams. Every handler is wrapped by ``_rpc`` /
+Engine calls block (disk, Redis), and so does hashing a request's tokens into
+chunk keys, so both run on a thread pool; the event loop only parses, validates
+and streams. A request is bounded (``server.max_request_tokens`` / ``_chunks``)
+before anything is hashed. Every handler is wrapped by ``_rpc`` /
 ``_rpc_stream``, which authenticate the caller, count the request, and turn any
 exception into a status code through ``kvstore.server.status``.
 """
@@ -16,6 +18,7 @@ from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import numpy as np
 
 from kvstore import __version__
 from kvstore import _frames as frames
@@ -35,11 +38,14 @@ from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
 from kvstore.server.metrics import ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.put import ChunkObject, PutAssembler
-from kvstore.server.status import abort_unauthenticated, abort_with, status_for
+from kvstore.server.status import RefusalLog, abort_unauthenticated, abort_with, status_for
 from kvstore.server.wire import (
+    RequestLimits,
+    check_parsed,
     chunk_keys,
     layers_from_proto,
     namespace_from_proto,
+    order_from_proto,
     tokens_from_bytes,
     tokens_per_chunk,
 )
@@ -56,7 +62,7 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
         tenant = await self._begin(method, context)
         try:
-            return await fn(self, request, context, tenant)
+            return await fn(self, _checked(request), context, tenant)
         except grpc.aio.AbortError:
             raise  # already counted where the abort was decided
         except asyncio.CancelledError:  # the caller went away or its deadline passed
@@ -76,7 +82,7 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
         tenant = await self._begin(method, context)
         try:
-            async for message in fn(self, request, context, tenant):
+            async for message in fn(self, _checked(request), context, tenant):
                 yield message
         except grpc.aio.AbortError:
             raise  # already counted where the abort was decided
@@ -89,12 +95,25 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
     return handler
 
 
+def _checked(request: Any) -> Any:
+    """The request, refused (InvalidArgument) if its bytes did not parse; a client
+    stream (Put) is checked message by message as it is read."""
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return check_parsed(request)
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield check_parsed(request)
+
+
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Serves every RPC of kvstore.v1.KVStore over one engine."""
 
     def __init__(self, engine: Any, registry: NamespaceRegistry, authenticator: Authenticator,
                  executor: Executor, counters: ServiceCounters, *,
-                 max_message_bytes: int,
+                 max_message_bytes: int, limits: RequestLimits | None = None,
                  same_host: local.SameHostPolicy | None = None) -> None:
         self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
         self._registry = registry
@@ -102,6 +121,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._executor = executor
         self._counters = counters
         self._max_message_bytes = max_message_bytes
+        self._limits = limits or RequestLimits(max_tokens=1 << 22, max_chunks=1 << 16)
+        self._refusals = RefusalLog()
         self._same_host = same_host or local.SameHostPolicy(enabled=True,
                                                             arena_for_tenants=False)
         self._chunks = ChunkStreamer(engine, executor, counters, max_message_bytes)
@@ -119,11 +140,26 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext,
                     exc: Exception) -> NoReturn:
-        self._counters.count_failure(method, status_for(exc).name)
+        code = status_for(exc)
+        self._counters.count_failure(method, code.name)
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            self._refusals.refused(method, context.peer(), code, str(exc))
         await abort_with(context, exc)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _keys(self, namespace: Namespace, data: bytes, *, position_free: bool = False
+                    ) -> tuple[np.ndarray, list[ChunkKey]]:
+        """The tokens of a request and the keys of their chunks, within the request limits.
+
+        Hashing runs on the pool: a long token list must not hold the event loop.
+        """
+        self._limits.check(namespace, len(data) // 4, position_free=position_free)
+        tokens = tokens_from_bytes(data, position_free=position_free)
+        keys = await self._run(functools.partial(chunk_keys, namespace, tokens,
+                                                 position_free=position_free))
+        return tokens, keys
 
     def _namespace(self, request: Any, tenant: str | None) -> Namespace:
         """The request's namespace; a layout clash with the registered one is refused."""
@@ -136,8 +172,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @_rpc
     async def Lookup(self, request: pb.LookupRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
-        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        tokens, keys = await self._keys(namespace, request.tokens_le_i32,
+                                        position_free=request.position_free)
         per_chunk = tokens_per_chunk(namespace, tokens, position_free=request.position_free)
         if not keys:
             return pb.LookupResponse(num_tokens=0)
@@ -159,8 +195,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             if assembler is None:
                 if kind != "header":
                     raise InvalidArgument(f"a Put stream starts with a header, got {kind}")
-                assembler = PutAssembler.from_header(request.header,
-                                                     self._namespace(request.header, tenant))
+                header = request.header
+                namespace = self._namespace(header, tenant)
+                tokens, keys = await self._keys(namespace, header.tokens_le_i32,
+                                                position_free=header.position_free)
+                assembler = PutAssembler.from_header(
+                    header, namespace, keys,
+                    tokens_per_chunk(namespace, tokens, position_free=header.position_free))
                 continue
             if kind != "chunk":
                 raise InvalidArgument(f"a Put stream has one header, then chunks; got {kind}")
@@ -190,15 +231,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @_rpc
     async def Delete(self, request: pb.DeleteRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
-        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        _, keys = await self._keys(namespace, request.tokens_le_i32,
+                                   position_free=request.position_free)
         deleted = await self._run(lambda: sum(bool(self._engine.delete(k)) for k in keys))
         return pb.DeleteResponse(num_chunks_deleted=deleted)
 
     @_rpc
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32), position_free=False)
+        _, keys = await self._keys(namespace, request.tokens_le_i32)
         if not keys:
             return pb.PrefetchResponse()
         promoted, resident = await self._run(self._engine.prefetch, keys)
@@ -238,9 +279,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._same_host.check(context.peer(), tenant)
         local.check_nonce(self._engine.dram, request.arena_nonce)
         namespace = self._namespace(request, tenant)
-        position_free = request.position_free
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
-        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        _, keys = await self._keys(namespace, request.tokens_le_i32,
+                                   position_free=request.position_free)
         ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
         run = await self._run(local.lease_run, self._engine, keys, ttl_s)
         return pb.LeaseChunksResponse(
@@ -260,8 +300,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: Any,
                           tenant: str | None):
         namespace = self._namespace(request, tenant)
-        keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32),
-                          position_free=False)
+        _, keys = await self._keys(namespace, request.tokens_le_i32)
         batch = batch_from_proto(request, namespace.layout, len(keys))
         if batch.num_bytes + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
@@ -273,26 +312,29 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # ------------------------------------------------------------ blobs
 
-    def _blob_address(self, request: Any, tenant: str | None
-                      ) -> tuple[Namespace, Any, str, ChunkKey]:
-        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated."""
+    async def _blob_address(self, request: Any, tenant: str | None
+                            ) -> tuple[Namespace, Any, str, ChunkKey]:
+        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated; the
+        key is hashed on the pool (up to max_request_tokens ids)."""
         namespace = self._namespace(request, tenant)
         tokens = tokens_from_bytes(request.tokens_le_i32)
+        self._limits.check(namespace, tokens.size, position_free=True)  # one key, one hash
         blobs.check_tokens(tokens)
         kind = blobs.check_kind(request.kind)
-        return namespace, tokens, kind, blobs.blob_key(namespace, tokens, kind)
+        key = await self._run(blobs.blob_key, namespace, tokens, kind)
+        return namespace, tokens, kind, key
 
     @_rpc
     async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
-        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        namespace, tokens, kind, key = await self._blob_address(request, tenant)
         data = request.data  # upb copies a bytes field on every access: read it once
         if len(data) + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
                 f"a {len(data)}-byte blob would not fit a GetBlob reply under the "
                 f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
-        obj = blobs.wrap(namespace, tokens.size, kind, data)
 
         def store() -> bool:
+            obj = blobs.wrap(namespace, tokens.size, kind, data)  # checksums: off the loop
             self._registry.register(namespace)  # a blob fixes the layout like a chunk does
             # Unlike a chunk, a blob is not content-addressed: the last put wins (a
             # client that rejected a stored bundle replaces it with a recomputed one).
@@ -306,7 +348,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     async def GetBlob(self, request: pb.GetBlobRequest, context: Any, tenant: str | None):
-        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        namespace, tokens, kind, key = await self._blob_address(request, tenant)
 
         def load() -> bytes | None:
             obj = self._engine.get(key)
@@ -331,11 +373,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @_rpc_stream
     async def Get(self, request: pb.GetRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        position_free = request.position_free
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
-        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        layer_major = order_from_proto(request.order)
         layers = layers_from_proto(request.layers, namespace.layout)
-        layer_major = request.order == pb.ORDER_LAYER_MAJOR
+        _, keys = await self._keys(namespace, request.tokens_le_i32,
+                                   position_free=request.position_free)
         if request.encoded and (layer_major or request.layers):
             raise InvalidArgument("encoded objects are whole chunks: ask for chunk-major order "
                                   "without a layer filter, or set encoded=false")

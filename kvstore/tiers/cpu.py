@@ -139,6 +139,12 @@ class CpuTier:
         """Add a resident ``key`` to a lease; None if DRAM does not hold it."""
         return self._arena.extend(lease_id, key)
 
+    def count_leased_reads(self, num_objects: int, num_bytes: int) -> None:
+        """Count objects a same-host client reads under a lease as hits, like ``get``."""
+        with self._lock:
+            self._stats.hits += num_objects
+            self._stats.read_bytes += num_bytes
+
     def release_lease(self, lease_id: LeaseId) -> None:
         """End a lease; raises NotFound if it is not held (released or expired)."""
         self._arena.release(lease_id)
