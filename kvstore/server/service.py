@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar
@@ -54,6 +55,7 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         tenant = await self._begin(method, context)
         try:
             return await fn(self, request, context, tenant)
@@ -64,6 +66,8 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:  # every failure becomes a status code
             await self._fail(method, context, exc)
+        finally:
+            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 
@@ -74,6 +78,7 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         tenant = await self._begin(method, context)
         try:
             async for message in fn(self, request, context, tenant):
@@ -85,6 +90,8 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             await self._fail(method, context, exc)
+        finally:
+            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 
@@ -142,6 +149,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if not keys:
             return pb.LookupResponse(num_tokens=0)
         num, per_tier = await self._run(self._engine.lookup, keys)
+        self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         return pb.LookupResponse(
             num_tokens=num * per_chunk,
             tiers=[pb.TierHits(tier=name, num_tokens=n * per_chunk)
@@ -185,7 +193,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                  position_free=assembler.position_free, chunk_index=chunk.index)
         self._registry.register(assembler.namespace)
         self._counters.add_bytes(received=len(chunk.data))
-        return bool(self._engine.put(chunk.key, chunk.data))
+        return bool(self._engine.put(chunk.key, chunk.data, assembler.namespace.tenant))
 
     @_rpc
     async def Delete(self, request: pb.DeleteRequest, context: Any, tenant: str | None):
@@ -297,7 +305,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             # Unlike a chunk, a blob is not content-addressed: the last put wins (a
             # client that rejected a stored bundle replaces it with a recomputed one).
             replaced = self._engine.delete(key)
-            self._engine.put(key, obj)
+            self._engine.put(key, obj, namespace.tenant)
             return replaced
 
         replaced = await self._run(store)
@@ -339,7 +347,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if request.encoded and (layer_major or request.layers):
             raise InvalidArgument("encoded objects are whole chunks: ask for chunk-major order "
                                   "without a layer filter, or set encoded=false")
-        num = (await self._run(self._engine.lookup, keys))[0] if keys else 0
+        num, per_tier = (await self._run(self._engine.lookup, keys)) if keys else (0, {})
+        self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         if num == 0:
             return
         keys = keys[:num]
