@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable, Mapping
 
-from kvstore.errors import PermissionDenied
+from kvstore.errors import InvalidArgument, Unauthenticated
 
 AUTH_METADATA_KEY = "authorization"  # gRPC metadata keys are lower case
 _SCHEME = "bearer "
@@ -25,7 +25,7 @@ class Authenticator:
     def __init__(self, tokens: Mapping[str, str]) -> None:
         for token, tenant in tokens.items():
             if not token or not isinstance(tenant, str) or not tenant:
-                raise PermissionDenied(
+                raise InvalidArgument(
                     "server.tokens must map non-empty tokens to non-empty tenant names, "
                     f"got a token of {len(token)} chars -> {tenant!r}"
                 )
@@ -39,7 +39,7 @@ class Authenticator:
         """The tenant of a call, or None when auth is off.
 
         Raises:
-            PermissionDenied: auth is on and the call has no known bearer token.
+            Unauthenticated: auth is on and the call has no known bearer token.
         """
         if not self._tokens:
             return None
@@ -49,11 +49,11 @@ class Authenticator:
                 header = value.decode() if isinstance(value, bytes) else value
                 break
         if header is None:
-            raise PermissionDenied(
+            raise Unauthenticated(
                 "this daemon requires 'authorization: Bearer <token>' metadata; none was sent"
             )
         if not header.lower().startswith(_SCHEME):
-            raise PermissionDenied(
+            raise Unauthenticated(
                 f"authorization metadata must be 'Bearer <token>', got scheme "
                 f"{header.split(' ', 1)[0]!r}"
             )
@@ -64,5 +64,5 @@ class Authenticator:
             if hmac.compare_digest(token, presented):
                 tenant = owner
         if tenant is None:
-            raise PermissionDenied("unknown bearer token")
+            raise Unauthenticated("unknown bearer token (see server.tokens)")
         return tenant

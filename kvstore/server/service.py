@@ -26,7 +26,7 @@ from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
     InvalidArgument,
-    PermissionDenied,
+    Unauthenticated,
 )
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.server import blobs, local, objects
@@ -120,7 +120,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._counters.count_request(method)
         try:
             return self._auth.tenant_for(context.invocation_metadata())
-        except PermissionDenied as exc:
+        except Unauthenticated as exc:
             self._counters.count_failure(method, "UNAUTHENTICATED")
             await abort_unauthenticated(context, str(exc))
 

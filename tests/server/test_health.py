@@ -70,7 +70,7 @@ def _free_port() -> int:
 def test_sigterm_reports_not_serving_while_draining(tmp_path: Path, layout):
     address = f"127.0.0.1:{_free_port()}"
     config = tmp_path / "kvstore.toml"
-    config.write_text(f'[server]\nlisten = "{address}"\ndrain_notice_s = 3.0\n'
+    config.write_text(f'[server]\nlisten = "{address}"\ndrain_notice_s = 8.0\n'
                       f'[tiers.disk]\npath = "{tmp_path / "data"}"\n')
     with open(tmp_path / "daemon.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--config",
@@ -86,10 +86,11 @@ def test_sigterm_reports_not_serving_while_draining(tmp_path: Path, layout):
                     (tmp_path / "daemon.log").read_text()
                 time.sleep(0.1)
         tokens, kv = make_tokens(16), make_kv(layout, 16)
-        os.kill(proc.pid, signal.SIGTERM)
-        _wait_for(address, NOT_SERVING, timeout_s=2)
-        with Client(address, "m", layout) as c:  # still answering during the notice
+        with Client(address, "m", layout, transport="stream", timeout_s=20) as c:
             assert c.put(tokens, kv) == 16
+            os.kill(proc.pid, signal.SIGTERM)
+            _wait_for(address, NOT_SERVING, timeout_s=5)
+            # Still answering during the notice, so in-flight traffic can move away.
             assert np.array_equal(c.get(tokens, as_numpy=True), kv)
         assert proc.wait(timeout=30) == 0
     finally:
