@@ -265,12 +265,13 @@ async def serve(config: Config) -> int:
     except BaseException:
         engine.close()
         raise
-    await _start(handle)
-    log.info("kvstore daemon listening on %s (port %d)", config.server.listen, handle.port)
+    # Handlers first: a SIGTERM sent as soon as the log says "listening" must drain.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await _start(handle)
+    log.info("kvstore daemon listening on %s (port %d)", config.server.listen, handle.port)
     await stop.wait()
     log.info("signal received: draining for up to %.1f s", config.server.drain_timeout_s)
     await handle.shutdown(config.server.drain_timeout_s, notice_s=config.server.drain_notice_s)
