@@ -214,7 +214,7 @@ def _build(cls: type, data: Any, where: str, problems: list[ConfigProblem]) -> A
         ftype = str(fields[key].type)
         sub = globals().get(ftype)
         try:
-            if sub is not None and dataclasses.is_dataclass(sub):
+            if isinstance(sub, type) and dataclasses.is_dataclass(sub):
                 kwargs[key] = _build(sub, value, dotted, problems)
             else:
                 kwargs[key] = _check_value(key, value, ftype, dotted)

@@ -32,11 +32,6 @@ class ConfigField:
     doc: str  # the comment written beside the field (and above it)
 
 
-def _section(cls: type) -> type | None:
-    sub = getattr(config_module, str(cls), None)
-    return sub if sub is not None and dataclasses.is_dataclass(sub) else None
-
-
 def _comments(cls: type) -> dict[str, str]:
     """Field name -> its comment lines (those right above it, then the trailing one)."""
     docs: dict[str, str] = {}
@@ -76,7 +71,7 @@ def reference(cls: type = Config, prefix: str = "") -> list[ConfigField]:
     fields: list[ConfigField] = []
     for f in dataclasses.fields(cls):
         sub = getattr(config_module, str(f.type), None)
-        if sub is not None and dataclasses.is_dataclass(sub):
+        if isinstance(sub, type) and dataclasses.is_dataclass(sub):
             fields += reference(sub, f"{prefix}{f.name}.")
             continue
         key = prefix + f.name

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2, kvstore_pb2_grpc
 from kvstore.config import Config, ConfigProblem, ServerConfig
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.server.auth import Authenticator
 from kvstore.server.local import SameHostPolicy
 from kvstore.server.metrics import ServiceCounters
@@ -319,6 +320,18 @@ class ServerThread:
     def counters(self) -> ServiceCounters:
         assert self._handle is not None, "server not started"
         return self._handle.counters
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until health says SERVING (the arena is prefaulted).
+
+        Raises:
+            Unavailable: not ready within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.counters.is_ready:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"daemon not ready after {timeout_s} s (arena prefault)")
+            time.sleep(0.02)
 
     def start(self) -> ServerThread:
         if self._engine is None:

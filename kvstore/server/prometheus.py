@@ -59,7 +59,7 @@ class _Collector:
 def _service_families(snap: CounterSnapshot, uptime_s: float) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    fam = CounterMetricFamily("kvstore_requests", "RPCs started", labels=["method"])
+    fam: Any = CounterMetricFamily("kvstore_requests", "RPCs started", labels=["method"])
     for method, n in sorted(snap.requests.items()):
         fam.add_metric([method], n)
     yield fam
@@ -94,6 +94,7 @@ def _service_families(snap: CounterSnapshot, uptime_s: float) -> Iterator[Any]:
 def _tier_families(stats: list[Any]) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+    fam: Any
     for name in _TIER_COUNTERS:
         fam = CounterMetricFamily(f"kvstore_tier_{name}", f"tier {name}", labels=["tier"])
         for tier in stats:
@@ -119,7 +120,7 @@ def _engine_families(engine: Any, stats: list[Any]) -> Iterator[Any]:
     leases = int(by_name["cpu"].info.get("leases", 0)) if "cpu" in by_name else 0
     yield GaugeMetricFamily("kvstore_leases_held", "live same-host leases pinning DRAM",
                             value=leases)
-    fam = GaugeMetricFamily("kvstore_disk_free_bytes", "free bytes of the disk tier's "
+    fam: Any = GaugeMetricFamily("kvstore_disk_free_bytes", "free bytes of the disk tier's "
                             "filesystem", labels=["path"])
     disk = by_name.get("disk")
     if disk is not None and disk.info.get("path"):
@@ -135,7 +136,7 @@ def _engine_families(engine: Any, stats: list[Any]) -> Iterator[Any]:
             fam.add_metric([node], int(is_open))
     yield fam
     usage = engine.tenant_usage()
-    families = {
+    families: dict[str, Any] = {
         "used": GaugeMetricFamily("kvstore_tenant_used_bytes", "bytes a tenant stores "
                                   "(counted since the daemon started)", labels=["tenant"]),
         "quota": GaugeMetricFamily("kvstore_tenant_quota_bytes", "a tenant's byte quota",

@@ -57,7 +57,8 @@ def test_health_is_not_serving_until_the_arena_is_prefaulted(tmp_path, layout):
 
 
 def test_health_turns_serving_on_its_own_after_start(server):
-    _wait_for(server.address, SERVING)
+    server.wait_ready()
+    assert [_status(server.address, s) for s in SERVICES] == [SERVING] * 2
 
 
 def _free_port() -> int:

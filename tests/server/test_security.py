@@ -88,6 +88,28 @@ def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(tmp_path, layo
                 c.lookup(tokens)
 
 
+def test_async_client_talks_mutual_tls(tmp_path, layout):
+    import asyncio
+
+    from kvstore import AsyncClient
+
+    ca, client_ca = make_ca(tmp_path, "server CA"), make_ca(tmp_path, "client CA")
+    server, good = issue(ca, tmp_path, "server"), issue(client_ca, tmp_path, "c", client=True)
+    config = make_config(tmp_path / "d", **{
+        "server.tls_cert_file": server.cert_file, "server.tls_key_file": server.key_file,
+        "server.tls_client_ca_file": client_ca.cert_file})
+    tokens, kv = make_tokens(16), make_kv(layout, 16)
+
+    async def run(address: str) -> np.ndarray:
+        async with AsyncClient(address, "m", layout, tls_ca_file=ca.cert_file,
+                               tls_cert_file=good.cert_file, tls_key_file=good.key_file) as c:
+            assert await c.put(tokens, kv) == 16
+            return await c.get(tokens, as_numpy=True)
+
+    with ServerThread(config) as srv:
+        assert np.array_equal(asyncio.run(run(srv.address)), kv)
+
+
 def test_client_certificate_options_are_checked(tmp_path, layout):
     ca = make_ca(tmp_path)
     cert = issue(ca, tmp_path, "c", client=True)
