@@ -30,7 +30,7 @@ from kvstore.errors import (
 )
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.server import blobs, local, objects
-from kvstore.server.auth import Authenticator
+from kvstore.server.auth import Authenticator, LeaseOwners
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
 from kvstore.server.metrics import ServiceCounters
@@ -112,6 +112,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._same_host = same_host or local.SameHostPolicy(enabled=True,
                                                             arena_for_tenants=False)
         self._chunks = ChunkStreamer(engine, executor, counters, max_message_bytes)
+        self._lease_owners = LeaseOwners()
 
     # ------------------------------------------------------------ helpers
 
@@ -251,6 +252,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         keys = chunk_keys(namespace, tokens, position_free=position_free)
         ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
         run = await self._run(local.lease_run, self._engine, keys, ttl_s)
+        if run.lease_id:
+            self._lease_owners.record(run.lease_id, tenant, run.ttl_s)
         return pb.LeaseChunksResponse(
             lease_id=run.lease_id, ttl_ms=int(run.ttl_s * 1000), num_chunks_stored=run.num_stored,
             extents=[pb.ChunkExtent(offset_bytes=o, length_bytes=n) for o, n in run.extents])
@@ -259,6 +262,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any,
                            tenant: str | None):
         self._same_host.check(context.peer(), tenant)
+        self._lease_owners.check_release(request.lease_id, tenant)
         self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
         return pb.ReleaseLeaseResponse()
 

@@ -272,6 +272,21 @@ def test_tenant_b_cannot_read_list_lease_fetch_or_delete_tenant_a_chunks(two_ten
     assert stub.Stats(pb.StatsRequest(), metadata=bob).version
 
 
+def test_tenant_b_cannot_release_tenant_a_lease(two_tenants, layout):
+    srv, stub, tokens, _ = two_tenants
+    ns, raw = _ns(layout), tokens.tobytes()
+    nonce = stub.AttachArena(pb.AttachArenaRequest(), metadata=_md("tok-a")).nonce
+    lease = stub.LeaseChunks(pb.LeaseChunksRequest(namespace=ns, tokens_le_i32=raw,
+                                                   arena_nonce=nonce), metadata=_md("tok-a"))
+    assert len(lease.extents) == 2
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id), metadata=_md("tok-b"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    stats = stub.Stats(pb.StatsRequest(), metadata=_md("tok-a"))
+    assert next(t for t in stats.tiers if t.name == "cpu").info["leases"] == "1"
+    stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id), metadata=_md("tok-a"))
+
+
 def test_tenant_b_same_host_client_cannot_read_tenant_a_chunks(two_tenants, layout):
     srv, stub, tokens, kv = two_tenants
     with Client(srv.address, "m", layout, token="tok-b", transport="arena") as bob:
