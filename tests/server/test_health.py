@@ -72,6 +72,7 @@ def test_sigterm_reports_not_serving_while_draining(tmp_path: Path, layout):
     address = f"127.0.0.1:{_free_port()}"
     config = tmp_path / "kvstore.toml"
     config.write_text(f'[server]\nlisten = "{address}"\ndrain_notice_s = 8.0\n'
+                      f'[tiers.cpu]\ncapacity_bytes = "64MiB"\n'
                       f'[tiers.disk]\npath = "{tmp_path / "data"}"\n')
     with open(tmp_path / "daemon.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--config",
@@ -80,7 +81,7 @@ def test_sigterm_reports_not_serving_while_draining(tmp_path: Path, layout):
         deadline = time.monotonic() + 30
         while True:
             try:
-                _wait_for(address, SERVING)
+                _wait_for(address, SERVING, timeout_s=60)
                 break
             except grpc.RpcError:
                 assert proc.poll() is None and time.monotonic() < deadline, \
