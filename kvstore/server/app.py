@@ -62,6 +62,9 @@ def check_listen(config: ServerConfig) -> tuple[str, int]:
         (host, port) to bind.
     """
     host, port = split_listen(config.listen)
+    if config.metrics_listen and not is_loopback(split_listen(config.metrics_listen)[0]):
+        log.warning("server.metrics_listen %s is not loopback: the Prometheus endpoint has no "
+                    "TLS or auth and names every tenant and namespace", config.metrics_listen)
     if is_loopback(host):
         return host, port
     is_tls = config.tls_cert_file is not None
