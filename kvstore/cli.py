@@ -1,4 +1,4 @@
-"""The ``kvstore`` command: serve | stats | put | get (DESIGN §9).
+"""The ``kvstore`` command: serve | stats | put | get | config (DESIGN §9).
 
 Subcommands import what they need when they run, so ``kvstore stats`` does not
 load the server and ``kvstore serve`` does not load torch.
@@ -7,9 +7,9 @@ load the server and ``kvstore serve`` does not load torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,11 +31,26 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--config", help="TOML config file (else $KVSTORE_CONFIG, else defaults)")
     p.add_argument("--listen", help="HOST:PORT to bind (server.listen)")
     p.add_argument("--data-dir", help="disk tier directory (tiers.disk.path)")
-    p.add_argument("--allow-remote", action="store_true", default=None,
-                   help="allow binding a non-loopback address (server.allow_remote)")
+    p.add_argument("--allow-insecure-remote", action="store_true", default=None,
+                   help="allow binding a non-loopback address without TLS "
+                   "(server.allow_insecure_remote)")
     p.add_argument("--redis", help="shared Redis tier URL (tiers.redis.url)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (log.level)")
+    p.add_argument("--log-format", choices=("text", "json"),
+                   help="one key=value line or one JSON object per event (log.format)")
     p.set_defaults(run=_run_serve)
+
+
+def _add_config(sub: Any) -> None:
+    p = sub.add_parser("config", help="check a config file or print the config reference")
+    actions = p.add_subparsers(dest="action", required=True)
+    check = actions.add_parser("check", help="print the effective config and every error "
+                               "(key and line); exit 1 if there is any")
+    check.add_argument("file", help="TOML config file")
+    check.set_defaults(run=_run_config_check)
+    ref = actions.add_parser("reference", help="every key with its default and meaning "
+                             "(Markdown, as in the README)")
+    ref.set_defaults(run=_run_config_reference)
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +58,8 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_ADDRESS}); repeat the flag to fail over in order")
     p.add_argument("--token", help="bearer token, if the daemon requires one")
     p.add_argument("--tls-ca-file", help="PEM CA bundle: talk TLS")
+    p.add_argument("--tls-cert-file", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key-file", help="PEM key of --tls-cert-file")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
 
 
@@ -50,6 +67,9 @@ def _add_stats(sub: Any) -> None:
     p = sub.add_parser("stats", help="print tier occupancy and counters")
     _add_client_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="read the daemon's Prometheus "
+                   "endpoint (server.metrics_listen) and show every figure: tiers, RPC "
+                   "latencies, namespaces, Redis breakers, codec, tenants")
     p.set_defaults(run=_run_stats)
 
 
@@ -75,7 +95,7 @@ def _add_put_get(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache store.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_serve, _add_stats, _add_put_get):
+    for add in (_add_serve, _add_stats, _add_put_get, _add_config):
         add(sub)
     for name, (_, help_text) in DELEGATED.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
@@ -87,18 +107,48 @@ def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from kvstore.config import load_config
+    from kvstore.logs import configure_logging
     from kvstore.server.app import check_listen, serve
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
     for flag, key in (("listen", "server.listen"), ("data_dir", "tiers.disk.path"),
-                      ("allow_remote", "server.allow_remote"), ("redis", "tiers.redis.url")):
+                      ("allow_insecure_remote", "server.allow_insecure_remote"),
+                      ("redis", "tiers.redis.url"), ("log_level", "log.level"),
+                      ("log_format", "log.format")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     config = load_config(args.config, overrides)
+    configure_logging(config.log.level, config.log.format)
     check_listen(config.server)  # refuse a bad bind before opening the tiers
     return asyncio.run(serve(config))
+
+
+def _run_config_check(args: argparse.Namespace) -> int:
+    from kvstore.config import key_lines, read_config
+    from kvstore.config_doc import effective_toml
+    from kvstore.server.app import server_problems
+
+    config, problems, text = read_config(args.file)
+    lines = key_lines(text)
+    problems += [dataclasses.replace(p, line=lines.get(p.key)) for p in
+                 server_problems(config.server)]
+    print(f"# effective configuration of {args.file} (defaults filled in; bad keys left at "
+          "their defaults)")
+    print(effective_toml(config))
+    for problem in problems:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} error(s) in {args.file}", file=sys.stderr)
+        return 1
+    print(f"# {args.file}: OK")
+    return 0
+
+
+def _run_config_reference(args: argparse.Namespace) -> int:
+    from kvstore.config_doc import reference_markdown
+
+    print(reference_markdown())
+    return 0
 
 
 def _addresses(args: argparse.Namespace) -> list[str]:
@@ -108,12 +158,31 @@ def _addresses(args: argparse.Namespace) -> list[str]:
 def _run_stats(args: argparse.Namespace) -> int:
     from kvstore.client import fetch_stats
 
+    if args.metrics:
+        return _print_metrics(args)
     stats = fetch_stats(_addresses(args), token=args.token, tls_ca_file=args.tls_ca_file,
+                        tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
                         timeout_s=args.timeout)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
         print_stats_table(stats, ", ".join(_addresses(args)))
+    return 0
+
+
+def _print_metrics(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kvstore.stats_table import scrape, tables
+
+    figures = scrape(args.metrics, args.timeout)
+    if args.json:
+        print(json.dumps({name: [{"labels": labels, "value": value} for labels, value in rows]
+                          for name, rows in figures.samples.items()}, indent=2))
+        return 0
+    console = Console(width=120)
+    for table in tables(figures):
+        console.print(table)
     return 0
 
 
@@ -179,7 +248,9 @@ def _open_client(args: argparse.Namespace) -> tuple[Any, Any]:
         raise InvalidArgument(f"{args.file} has tensors {sorted(tensors)}, expected 'tokens'")
     layout = _layout_from_file(args, tensors)
     client = Client(_addresses(args), args.namespace, layout, token=args.token,
-                    tls_ca_file=args.tls_ca_file, timeout_s=args.timeout, tp_rank=args.tp_rank)
+                    tls_ca_file=args.tls_ca_file, tls_cert_file=args.tls_cert_file,
+                    tls_key_file=args.tls_key_file, timeout_s=args.timeout,
+                    tp_rank=args.tp_rank)
     return client, tensors
 
 

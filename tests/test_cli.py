@@ -74,7 +74,7 @@ def test_put_shorter_than_a_chunk_says_why_nothing_was_stored(server, layout, tm
 
 def test_serve_refuses_non_loopback_bind(tmp_path, capsys):
     code = main(["serve", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path)])
-    assert code == 2 and "allow_remote" in capsys.readouterr().err
+    assert code == 2 and "allow_insecure_remote" in capsys.readouterr().err
 
 
 def test_parser_has_every_subcommand():

@@ -11,7 +11,6 @@ A block whose first line is ``# requires: model`` loads SmolLM2 and runs in the
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-import kvstore.config as config_module
-from kvstore.config import Config
+from kvstore.config_doc import reference
 from kvstore.server.app import ServerThread
 from tests.conftest import make_config
 
@@ -30,25 +28,32 @@ README = ROOT / "README.md"
 README_ADDRESS = "127.0.0.1:50051"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 _REQUIRES = re.compile(r"^# requires: (\w+)")
+_ROW_RE = re.compile(r"^\| `([a-z_.]+)` \| `([^`]*)` \| (.+) \|$")
 
 
-def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
-    names: list[str] = []
-    for f in dataclasses.fields(cls):
-        sub = getattr(config_module, str(f.type), None)
-        if sub is not None and dataclasses.is_dataclass(sub):
-            names += _dotted_fields(sub, f"{prefix}{f.name}.")
-        else:
-            names.append(prefix + f.name)
-    return names
+def _readme_rows() -> dict[str, str]:
+    """key -> default column of the README's configuration table."""
+    text = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        m = _ROW_RE.match(line)
+        if m:
+            assert m.group(1) not in rows, f"README lists {m.group(1)} twice"
+            rows[m.group(1)] = m.group(2)
+    return rows
 
 
-def test_readme_config_table_lists_every_field() -> None:
-    text = README.read_text()
-    missing = [name for name in _dotted_fields(Config)
-               if f"`{name}`" not in text and f"`{name}`," not in text]
-    # TLS files share one row: `server.tls_cert_file`, `server.tls_key_file`.
-    assert missing == [], f"README configuration table lacks {missing}"
+def test_readme_config_table_lists_every_key_with_its_default() -> None:
+    rows = _readme_rows()
+    generated = {f.key: f.default for f in reference()}
+    assert sorted(set(generated) - set(rows)) == [], "README configuration table lacks keys"
+    assert sorted(set(rows) - set(generated)) == [], "README lists keys the config lacks"
+    wrong = {k: (rows[k], d) for k, d in generated.items() if rows[k] != d}
+    assert wrong == {}, f"README default differs from the code (readme, code): {wrong}"
+
+
+def test_every_config_key_is_documented_in_the_code() -> None:
+    assert [f.key for f in reference() if not f.doc] == []
 
 
 def readme_blocks() -> list[tuple[str | None, str]]:

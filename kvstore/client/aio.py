@@ -37,9 +37,9 @@ class AsyncConnections(Connections):
         channel = self._channels.get(index)
         if channel is None:
             address = self.addresses[index]
-            if self._is_tls:
-                creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
-                channel = grpc.aio.secure_channel(address, creds, options=self._options)
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(address, self._credentials,
+                                                  options=self._options)
             else:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[index] = channel
@@ -74,6 +74,7 @@ class AsyncClient:
 
     def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
                  token: str | None = None, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
                  tp_rank: int = 0, transport: str = "auto", codec: str = "raw") -> None:
         if not isinstance(layout, KVLayout):
@@ -85,7 +86,8 @@ class AsyncClient:
         self._local = local.LocalPath(transport)
         self._codec = codecs.check_codec(codec)
         self._conns = AsyncConnections(addresses, token=token, tls_ca_file=tls_ca_file,
-                                       timeout_s=timeout_s, max_message_bytes=max_message_bytes)
+                                       timeout_s=timeout_s, max_message_bytes=max_message_bytes,
+                                       tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
 
     # ------------------------------------------------------------ prefix-chained chunks
 

@@ -37,10 +37,13 @@ T = TypeVar("T")
 
 
 def fetch_stats(addresses: str | Sequence[str], *, token: str | None = None,
-                tls_ca_file: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+                tls_ca_file: str | None = None, timeout_s: float = 10.0,
+                tls_cert_file: str | None = None, tls_key_file: str | None = None
+                ) -> dict[str, Any]:
     """Stats of a daemon without naming a namespace (what ``kvstore stats`` shows)."""
     conns = Connections(addresses, token=token, tls_ca_file=tls_ca_file, timeout_s=timeout_s,
-                        max_message_bytes=4 << 20)
+                        max_message_bytes=4 << 20, tls_cert_file=tls_cert_file,
+                        tls_key_file=tls_key_file)
     try:
         return conns.call("Stats", lambda stub, t, md: proto.stats_to_dict(
             stub.Stats(pb.StatsRequest(), timeout=t, metadata=md)))
@@ -57,6 +60,8 @@ class Client:
         layout: the KV layout of the namespace; the first put fixes it daemon-side.
         token: bearer token, if the daemon has tokens configured.
         tls_ca_file: PEM CA bundle; set to talk TLS.
+        tls_cert_file, tls_key_file: PEM client certificate and key, for a daemon that
+            requires client certificates (mutual TLS).
         timeout_s: overall deadline of each call, failover attempts included.
         max_message_bytes: largest gRPC message; objects are split below it.
         tp_rank: tensor-parallel rank whose heads this client stores.
@@ -76,6 +81,7 @@ class Client:
 
     def __init__(self, addresses: str | Sequence[str], namespace: str, layout: KVLayout, *,
                  token: str | None = None, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
                  tp_rank: int = 0, transport: str = "auto", codec: str = "raw") -> None:
         if not isinstance(layout, KVLayout):
@@ -87,7 +93,8 @@ class Client:
         self._local = local.LocalPath(transport)
         self._codec = codecs.check_codec(codec)
         self._conns = Connections(addresses, token=token, tls_ca_file=tls_ca_file,
-                                  timeout_s=timeout_s, max_message_bytes=max_message_bytes)
+                                  timeout_s=timeout_s, max_message_bytes=max_message_bytes,
+                                  tls_cert_file=tls_cert_file, tls_key_file=tls_key_file)
 
     # ------------------------------------------------------------ prefix-chained chunks
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
@@ -55,7 +56,11 @@ class ChunkStreamer:
             if encoded:
                 objects.verify_stored(obj)
                 return obj
-            return objects.stored_to_raw(obj)
+            started = time.perf_counter()
+            raw = objects.stored_to_raw(obj)
+            if raw is not obj:  # decoded (kvq) and re-packed raw: the daemon's codec work
+                self._counters.observe_codec("decode", time.perf_counter() - started)
+            return raw
         except Corrupt as exc:
             self._counters.count_corrupt_read()
             log.warning("dropping stored object %s: %s", key.hex()[:16], exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar
@@ -28,11 +29,11 @@ from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
     InvalidArgument,
-    PermissionDenied,
+    Unauthenticated,
 )
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.server import blobs, local, objects
-from kvstore.server.auth import Authenticator
+from kvstore.server.auth import Authenticator, LeaseOwners
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
 from kvstore.server.metrics import ServiceCounters
@@ -60,6 +61,7 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         tenant = await self._begin(method, context)
         try:
             return await fn(self, _checked(request), context, tenant)
@@ -70,6 +72,8 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:  # every failure becomes a status code
             await self._fail(method, context, exc)
+        finally:
+            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 
@@ -80,6 +84,7 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         tenant = await self._begin(method, context)
         try:
             async for message in fn(self, _checked(request), context, tenant):
@@ -91,6 +96,8 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             await self._fail(method, context, exc)
+        finally:
+            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 
@@ -126,6 +133,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._same_host = same_host or local.SameHostPolicy(enabled=True,
                                                             arena_for_tenants=False)
         self._chunks = ChunkStreamer(engine, executor, counters, max_message_bytes)
+        self._lease_owners = LeaseOwners()
 
     # ------------------------------------------------------------ helpers
 
@@ -134,7 +142,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._counters.count_request(method)
         try:
             return self._auth.tenant_for(context.invocation_metadata())
-        except PermissionDenied as exc:
+        except Unauthenticated as exc:
             self._counters.count_failure(method, "UNAUTHENTICATED")
             await abort_unauthenticated(context, str(exc))
 
@@ -178,6 +186,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if not keys:
             return pb.LookupResponse(num_tokens=0)
         num, per_tier = await self._run(self._engine.lookup, keys)
+        self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         return pb.LookupResponse(
             num_tokens=num * per_chunk,
             tiers=[pb.TierHits(tier=name, num_tokens=n * per_chunk)
@@ -226,7 +235,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                  position_free=assembler.position_free, chunk_index=chunk.index)
         self._registry.register(assembler.namespace)
         self._counters.add_bytes(received=len(chunk.data))
-        return bool(self._engine.put(chunk.key, chunk.data))
+        return bool(self._engine.put(chunk.key, chunk.data, assembler.namespace.tenant))
 
     @_rpc
     async def Delete(self, request: pb.DeleteRequest, context: Any, tenant: str | None):
@@ -283,6 +292,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                    position_free=request.position_free)
         ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
         run = await self._run(local.lease_run, self._engine, keys, ttl_s)
+        if run.lease_id:
+            self._lease_owners.record(run.lease_id, tenant, run.ttl_s)
         return pb.LeaseChunksResponse(
             lease_id=run.lease_id, ttl_ms=int(run.ttl_s * 1000), num_chunks_stored=run.num_stored,
             extents=[pb.ChunkExtent(offset_bytes=o, length_bytes=n) for o, n in run.extents])
@@ -291,6 +302,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any,
                            tenant: str | None):
         self._same_host.check(context.peer(), tenant)
+        self._lease_owners.check_release(request.lease_id, tenant)
         self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
         return pb.ReleaseLeaseResponse()
 
@@ -339,7 +351,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             # Unlike a chunk, a blob is not content-addressed: the last put wins (a
             # client that rejected a stored bundle replaces it with a recomputed one).
             replaced = self._engine.delete(key)
-            self._engine.put(key, obj)
+            self._engine.put(key, obj, namespace.tenant)
             return replaced
 
         replaced = await self._run(store)
@@ -380,7 +392,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if request.encoded and (layer_major or request.layers):
             raise InvalidArgument("encoded objects are whole chunks: ask for chunk-major order "
                                   "without a layer filter, or set encoded=false")
-        num = (await self._run(self._engine.lookup, keys))[0] if keys else 0
+        num, per_tier = (await self._run(self._engine.lookup, keys)) if keys else (0, {})
+        self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         if num == 0:
             return
         keys = keys[:num]

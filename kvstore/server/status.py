@@ -21,12 +21,14 @@ from kvstore.errors import (
     KVStoreError,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
-# Order matters: subclasses before their bases (DeadlineExceeded is an Unavailable).
+# Order matters: subclasses before their bases (DeadlineExceeded is an Unavailable,
+# Unauthenticated a PermissionDenied).
 STATUS_BY_ERROR: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -34,6 +36,7 @@ STATUS_BY_ERROR: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Corrupt, grpc.StatusCode.DATA_LOSS),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 

@@ -127,6 +127,11 @@ class CpuTier:
         return self._arena.identity()
 
     @property
+    def prefaulted(self) -> threading.Event:
+        """Set once the arena's pages are faulted in (the daemon is ready then)."""
+        return self._arena.prefaulted
+
+    @property
     def lease_ttl_s(self) -> float:
         return self._arena.lease_ttl_s
 
