@@ -37,7 +37,7 @@ def test_huge_request_with_one_token_chunks_is_refused_quickly(server, num_token
     elapsed_s = time.perf_counter() - start
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "server.max_request_" in info.value.details()
-    assert elapsed_s < 2.0  # hashing 8M one-token chunks took ~9 s before the bound
+    assert elapsed_s < 5.0  # hashing 8M one-token chunks took ~9 s idle before the bound
 
 
 def test_request_limits_come_from_the_config(tmp_path):
