@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -55,6 +55,8 @@ def read_ca(tls_ca_file: str | None) -> bytes | None:
 class Connections:
     """Channels to a list of daemons and the failover loop over them."""
 
+    channel_api: Any = grpc  # grpc.aio for the asyncio client: same channel constructors
+
     def __init__(self, addresses: str | Sequence[str], *, token: str | None,
                  tls_ca_file: str | None, timeout_s: float, max_message_bytes: int) -> None:
         self.addresses = normalize_addresses(addresses)
@@ -72,9 +74,9 @@ class Connections:
             address = self.addresses[index]
             if self._is_tls:
                 creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
-                channel = grpc.secure_channel(address, creds, options=self._options)
+                channel = self.channel_api.secure_channel(address, creds, options=self._options)
             else:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = self.channel_api.insecure_channel(address, options=self._options)
             self._channels[index] = channel
         return frames.stub(channel)
 
