@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import daemon, emit  # noqa: E402
 
 from kvstore.client import Client  # noqa: E402
-from kvstore.layout import KVLayout  # noqa: E402
 from kvstore.client._blobs import part_size  # noqa: E402
 from kvstore.client._protocol import PART_HEADROOM_BYTES  # noqa: E402
+from kvstore.layout import KVLayout  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float16",
                   chunk_tokens=256, keys_pre_rope=True)

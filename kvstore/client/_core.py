@@ -29,7 +29,7 @@ from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections
-from kvstore.client._plan import END, Emit, OpenStream, Offload, Plan, Receive, Unary
+from kvstore.client._plan import END, Emit, Offload, OpenStream, Plan, Receive, Unary
 from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
 from kvstore.errors import (

@@ -18,8 +18,8 @@ from kvstore.client._core import ClientCore
 from kvstore.client._plan import (
     END,
     Emit,
-    OpenStream,
     Offload,
+    OpenStream,
     Plan,
     Receive,
     Unary,

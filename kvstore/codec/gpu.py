@@ -43,8 +43,8 @@ from kvstore.codec.format import ParsedObject
 from kvstore.codec.kvq import value_kind
 from kvstore.codec.quant import RATIO
 from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.models.dtypes import TORCH_DTYPES
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ALIGN = 8  # every array of the packed buffer starts at a multiple of 8 bytes
 _RATIO: dict[torch.device, torch.Tensor] = {}
 
@@ -224,7 +224,7 @@ def _decode_group(g: _Group, device: torch.device) -> _Launched:
     ratio = _RATIO.get(device)
     if ratio is None:
         ratio = _RATIO[device] = torch.from_numpy(RATIO.copy()).to(device)
-    out = torch.empty((nl, 2, g.heads, g.tokens, g.dim), dtype=_TORCH_DTYPES[g.dtype],
+    out = torch.empty((nl, 2, g.heads, g.tokens, g.dim), dtype=TORCH_DTYPES[g.dtype],
                       device=device)
     # Keys: mins[c] + q * (base * RATIO[code[c]] / (A - 1)), per channel c = (head, d).
     kstep = kbase[:, None] * ratio[kcodes.view(nl, channels).long()] / ktop[:, None]
@@ -273,7 +273,7 @@ def prepare_many(objects: Sequence[ParsedObject], device: torch.device | str,
     for g in groups:
         _pack_group(g, pin=device.type == "cuda")
     empty = [(i, (0, 2, o.header.num_kv_heads, o.header.num_tokens, o.header.head_dim),
-              _TORCH_DTYPES[o.header.dtype])
+              TORCH_DTYPES[o.header.dtype])
              for i, (o, r) in enumerate(zip(objects, ranges, strict=True)) if not len(r)]
     return PreparedBatch(device, empty, groups, len(objects))
 

@@ -146,7 +146,7 @@ def test_query_weighted_keys_cut_the_kl_of_real_keys_at_equal_bits() -> None:
         query_mean_squares,
         roundtrip_layers,
     )
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+    from kvstore.models.smollm2 import load_smollm2, sample_tokens
 
     torch.set_num_threads(1)
     model, tokenizer = load_smollm2()

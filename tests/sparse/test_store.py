@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from kvstore.client import Client
+from kvstore.client._blobs import PartManifest, part_kind
 from kvstore.errors import InvalidArgument
 from kvstore.keys import Namespace
 from kvstore.server.app import ServerThread
 from kvstore.server.blobs import blob_key
 from kvstore.sparse import DaemonSequenceStore, SparseConfig, generate, sequence_kind
 from kvstore.sparse.shadow import ShadowBundle
-from kvstore.client._blobs import PartManifest, part_kind
 from tests.conftest import SMOLLM2_LAYOUT, make_config
 from tests.sparse.conftest import smollm2_with_prompt
 
@@ -79,7 +79,7 @@ def test_mismatched_or_corrupt_bundle_is_recomputed_never_used(smollm2, client):
 
 
 def _fingerprint_and_cfg(model) -> tuple[str, SparseConfig]:
-    from kvstore.sparse.llama import fingerprint_of
+    from kvstore.models.arch import fingerprint_of
 
     return fingerprint_of(model), SparseConfig(budget_tokens=OPTIONS["budget_tokens"])
 
