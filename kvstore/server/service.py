@@ -13,14 +13,14 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 
-from kvstore import __version__
 from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore._version import __version__
 from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
@@ -43,6 +43,9 @@ from kvstore.server.wire import (
     tokens_from_bytes,
     tokens_per_chunk,
 )
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,11 +95,11 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Serves every RPC of kvstore.v1.KVStore over one engine."""
 
-    def __init__(self, engine: Any, registry: NamespaceRegistry, authenticator: Authenticator,
+    def __init__(self, engine: Engine, registry: NamespaceRegistry, authenticator: Authenticator,
                  executor: Executor, counters: ServiceCounters, *,
                  max_message_bytes: int,
                  same_host: local.SameHostPolicy | None = None) -> None:
-        self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
+        self._engine = engine  # blocking, thread-safe
         self._registry = registry
         self._auth = authenticator
         self._executor = executor

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from kvstore.arena import ArenaReader, Extent
+from kvstore.arena_file import ArenaReader, Extent
 from kvstore.codec.raw import raw_payload
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.sparse_gather import gather

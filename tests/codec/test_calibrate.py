@@ -13,7 +13,6 @@ from kvstore.codec.calibrate import (
     KEY_LADDER,
     allocate_bins,
     load_table,
-    main,
     make_table,
     normalise_weights,
     save_table,
@@ -116,19 +115,6 @@ def test_weighted_key_steps_follow_the_weights() -> None:
         encode_section(kv, KIND_KEYS, 15, np.ones(31))
     with pytest.raises(InvalidArgument):
         encode_section(kv, KIND_KEYS, 15, np.full(32, np.inf))
-
-
-@pytest.mark.model
-@pytest.mark.slow
-def test_calibrate_command_writes_a_loadable_table(tmp_path: Path) -> None:
-    out = tmp_path / "smollm2.json"
-    assert main(["--prefix-tokens", "256", "--eval-tokens", "64", "--group-layers", "10",
-                 "--offset", "60000", "--out", str(out)]) == 0
-    table = load_table(out)
-    assert table.num_layers == 30 and len(table.sensitivity["k"]) == 3
-    assert all(np.isfinite(table.sensitivity["k"]))
-    weights = np.asarray(table.key_weights)
-    assert weights.shape == (30, 192) and np.all(weights > 0)
 
 
 @pytest.mark.model
