@@ -39,8 +39,8 @@ from _common import daemon, emit  # noqa: E402
 
 from kvstore import Client  # noqa: E402
 from kvstore._progress import track  # noqa: E402
-from kvstore.integrations.smollm2 import load_smollm2  # noqa: E402
-from kvstore.integrations.transformers import layout_for  # noqa: E402
+from kvstore.models.arch import layout_for  # noqa: E402
+from kvstore.models.smollm2 import load_smollm2  # noqa: E402
 from kvstore.rag import build_cache, build_cache_naive  # noqa: E402
 
 PREFIX = "You are a helpful assistant. Answer the question using the documentation below.\n\n"

@@ -28,8 +28,8 @@ from _common import daemon, emit  # noqa: E402
 
 from kvstore import Client  # noqa: E402
 from kvstore._progress import track  # noqa: E402
-from kvstore.integrations.smollm2 import load_smollm2, sample_tokens  # noqa: E402
 from kvstore.integrations.transformers import layout_for, prefill  # noqa: E402
+from kvstore.models.smollm2 import load_smollm2, sample_tokens  # noqa: E402
 
 DEFAULT_PLOT = Path(__file__).resolve().parent / "ttft.png"
 

@@ -1,29 +1,24 @@
-"""The ``kvstore`` command: serve | stats | put | get | config (DESIGN §9).
+"""The ``kvstore`` command: serve | stats | put | get | config | calibrate.
 
 Subcommands import what they need when they run, so ``kvstore stats`` does not
-load the server and ``kvstore serve`` does not load torch.
+load the server and ``kvstore serve`` does not load torch. This is the only
+module that prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kvstore.errors import InvalidArgument, KVStoreError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
-# Subcommands owned by other modules: name -> ("module:function", help). The function
-# takes the remaining argv and returns an exit code. Adding one is a single line, e.g.
-#   "calibrate": ("kvstore.codec.calibrate:main", "fit codec tables on real KV"),
-DELEGATED: dict[str, tuple[str, str]] = {
-    "calibrate": ("kvstore.codec.calibrate:main", "fit kvq codec tables on a model's own KV"),
-}
 
 
 def _add_serve(sub: Any) -> None:
@@ -92,14 +87,43 @@ def _add_put_get(sub: Any) -> None:
     get.set_defaults(run=_run_get)
 
 
+def _add_calibrate(sub: Any) -> None:
+    p = sub.add_parser("calibrate", help="fit kvq codec tables on a model's own KV",
+                       description="Measure the model's KV sensitivity and store a table.")
+    p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
+    p.add_argument("--prefix-tokens", type=int, default=1024, help="cached context length")
+    p.add_argument("--eval-tokens", type=int, default=256, help="tokens scored after it")
+    p.add_argument("--offset", type=int, nargs="+",
+                   help="sample text offsets (chars), one sample each (default: "
+                   "kvstore.codec.calibrate.SAMPLE_OFFSETS)")
+    p.add_argument("--group-layers", type=int, default=5, help="layers sharing bins")
+    p.add_argument("--out", type=Path, default=None, help="table path (default: data dir)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (shown on a terminal's stderr) and no INFO log")
+    p.set_defaults(run=_run_calibrate)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from kvstore.codec.calibrate import SAMPLE_OFFSETS, save_table
+    from kvstore.codec.calibrate_model import calibrate
+    from kvstore.logs import configure_logging
+
+    configure_logging("WARNING" if args.quiet else "INFO")
+    table = calibrate(args.model, args.prefix_tokens, args.eval_tokens,
+                      args.offset or list(SAMPLE_OFFSETS), args.group_layers,
+                      progress=not args.quiet)
+    path = save_table(table, args.out)
+    print(f"calibration table {table.table_id:016x} written to {path}")
+    for name, bins in table.levels.items():
+        print(f"  {name:14s} keys {bins['k']}  values {bins['v']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description="Tiered KV-cache store.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_serve, _add_stats, _add_put_get, _add_config):
+    for add in (_add_serve, _add_stats, _add_put_get, _add_config, _add_calibrate):
         add(sub)
-    for name, (_, help_text) in DELEGATED.items():
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -186,18 +210,11 @@ def _print_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def print_stats_table(stats: dict[str, Any], address: str) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from kvstore.stats_table import human_bytes
 
     table = Table(title=f"kvstore {stats['version']} at {address} — up "
                   f"{stats['uptime_ms'] / 1000:.0f} s, {stats['requests']} requests "
@@ -284,15 +301,8 @@ def _run_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(target: str) -> Callable[[Sequence[str]], int]:
-    module, _, func = target.partition(":")
-    return getattr(importlib.import_module(module), func)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        return int(_resolve(DELEGATED[argv[0]][0])(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))

@@ -66,9 +66,16 @@ def _ms(seconds: float | None) -> str:
     return "> 10 s" if seconds == float("inf") else f"≤ {seconds * 1000:g} ms"
 
 
-def _bytes(n: float) -> str:
-    from kvstore.cli import human_bytes
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
+
+def _bytes(n: float) -> str:
     return human_bytes(int(n))
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from kvstore.cli import build_parser, human_bytes, main
+from kvstore.codec.calibrate import load_table
 from tests.conftest import make_kv, make_tokens
 
 
@@ -81,3 +85,17 @@ def test_parser_has_every_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert {"serve", "stats", "put", "get"} <= set(sub.choices)
     assert human_bytes(3 << 30) == "3.0 GiB" and human_bytes(12) == "12 B"
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_calibrate_command_writes_a_loadable_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "smollm2.json"
+    assert main(["calibrate", "--prefix-tokens", "256", "--eval-tokens", "64",
+                 "--group-layers", "10", "--offset", "60000", "--out", str(out)]) == 0
+    table = load_table(out)
+    assert table.num_layers == 30 and len(table.sensitivity["k"]) == 3
+    assert all(np.isfinite(table.sensitivity["k"]))
+    weights = np.asarray(table.key_weights)
+    assert weights.shape == (30, 192) and np.all(weights > 0)
+    assert f"{table.table_id:016x} written to {out}" in capsys.readouterr().out

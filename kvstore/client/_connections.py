@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -81,6 +81,8 @@ def channel_credentials(tls_ca_file: str | None, tls_cert_file: str | None = Non
 class Connections:
     """Channels to a list of daemons and the failover loop over them."""
 
+    channel_api: Any = grpc  # grpc.aio for the asyncio client: same channel constructors
+
     def __init__(self, addresses: str | Sequence[str], *, token: str | None,
                  tls_ca_file: str | None, timeout_s: float, max_message_bytes: int,
                  tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
@@ -97,9 +99,10 @@ class Connections:
         if channel is None:
             address = self.addresses[index]
             if self._credentials is not None:
-                channel = grpc.secure_channel(address, self._credentials, options=self._options)
+                channel = self.channel_api.secure_channel(address, self._credentials,
+                                                          options=self._options)
             else:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = self.channel_api.insecure_channel(address, options=self._options)
             self._channels[index] = channel
         return frames.stub(channel)
 

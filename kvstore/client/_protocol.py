@@ -18,8 +18,6 @@ Wire details the client relies on (see the proto for the fields):
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -318,31 +316,3 @@ def stats_to_dict(resp: pb.StatsResponse) -> dict[str, Any]:
     tiers = [{**{f: getattr(t, f) for f in fields}, "info": dict(t.info)} for t in resp.tiers]
     return {"tiers": tiers, "uptime_ms": resp.uptime_ms, "version": resp.version,
             "requests": resp.requests, "failed_requests": resp.failed_requests}
-
-
-def drained(stream: Any) -> Iterator[Any]:
-    """The messages of a response stream, read by a background thread as they arrive.
-
-    While the caller works on layer l, later layers keep arriving: without the
-    thread, gRPC's flow-control window fills and the daemon stalls until the caller
-    asks for the next message, so nothing would overlap. Errors are re-raised here.
-    """
-    messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    end = object()
-
-    def read() -> None:
-        try:
-            for msg in stream:
-                messages.put(msg)
-        except BaseException as exc:  # handed to the consuming thread
-            messages.put(exc)
-        messages.put(end)
-
-    threading.Thread(target=read, name="kvstore-get-layers", daemon=True).start()
-    try:
-        while (item := messages.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stream.cancel()  # a no-op once the stream ended; stops the reader if we quit early

@@ -32,24 +32,21 @@ def prefill(model: Any, ids: list[int], num_prefix: int) -> np.ndarray:
     """Exact cache of the prefix, float32 ``[layers, 2, heads, tokens, dim]``."""
     import torch
 
+    from kvstore.models.cache import kv_from_cache
+
     with torch.no_grad():
         out = model(torch.tensor([ids[:num_prefix]]), use_cache=True)
-    cache = out.past_key_values
-    return np.stack([np.stack([lay.keys[0].float().numpy(), lay.values[0].float().numpy()])
-                     for lay in cache.layers])
+    return kv_from_cache(out.past_key_values, 0, num_prefix, torch.float32).numpy()
 
 
 def continuation_logprobs(model: Any, kv: np.ndarray, ids: list[int], num_prefix: int,
                           num_eval: int) -> Any:
     """Log-probs ``[num_eval, vocab]`` of the tokens after the prefix, given cache ``kv``."""
     import torch
-    from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    for i in range(kv.shape[0]):
-        k = torch.from_numpy(np.ascontiguousarray(kv[i, 0], dtype=np.float32))[None]
-        v = torch.from_numpy(np.ascontiguousarray(kv[i, 1], dtype=np.float32))[None]
-        cache.update(k, v, i)
+    from kvstore.models.cache import cache_from_kv
+
+    cache = cache_from_kv(model, torch.from_numpy(np.ascontiguousarray(kv, dtype=np.float32)))
     x = torch.tensor([ids[num_prefix : num_prefix + num_eval]])
     with torch.no_grad():
         logits = model(x, past_key_values=cache, use_cache=True).logits[0].float()
@@ -67,26 +64,22 @@ def query_mean_squares(model: Any, kv: np.ndarray, ids: list[int], num_prefix: i
     channel, ``[layers, kv_heads * head_dim]`` (summed over the query heads that
     share a kv head): what a key error in that channel is multiplied by."""
     import torch
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    cfg = model.config
+    from kvstore.models.arch import text_config
+    from kvstore.models.llama import capture_queries
+    from kvstore.models.rope import rotate_half
+
+    cfg = text_config(model)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    dim = cfg.hidden_size // heads
-    captured: list[Any] = []
-    hooks = [layer.self_attn.q_proj.register_forward_hook(
-                 lambda _m, _i, out: captured.append(out.detach()))
-             for layer in model.model.layers]
-    try:
-        logp = continuation_logprobs(model, kv, ids, num_prefix, num_eval)
-    finally:
-        for h in hooks:
-            h.remove()
+    dim = model.model.layers[0].self_attn.head_dim
+    logp, captured = capture_queries(
+        model, lambda: continuation_logprobs(model, kv, ids, num_prefix, num_eval))
     positions = torch.arange(num_prefix, num_prefix + num_eval)[None]
     rows = []
     for q in captured:
         q = q.view(1, num_eval, heads, dim).transpose(1, 2).float()
         cos, sin = model.model.rotary_emb(q, positions)
-        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         ms = (q[0] ** 2).mean(1)  # [heads, dim]
         rows.append(ms.view(kv_heads, heads // kv_heads, dim).sum(1).reshape(-1).numpy())
     return logp, np.stack(rows).astype(np.float64)
@@ -127,7 +120,7 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
     terminal's stderr."""
     import torch
 
-    from kvstore.integrations.smollm2 import load_smollm2
+    from kvstore.models.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -141,7 +134,7 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
 
 def _calibrate(model: Any, tokenizer: Any, model_name: str, num_prefix: int, num_eval: int,
                offsets: Sequence[int], group_layers: int, bar: Progress) -> CalibrationTable:
-    from kvstore.integrations.smollm2 import sample_tokens
+    from kvstore.models.smollm2 import sample_tokens
 
     samples, mean_squares = [], []
     for offset in offsets:

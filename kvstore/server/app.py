@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +32,9 @@ from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.prometheus import MetricsEndpoint
 from kvstore.server.service import KVStoreServicer
 from kvstore.server.wire import RequestLimits, lenient_deserializer
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ class ServerHandle:
 
     server: grpc.aio.Server
     port: int  # the bound port (the real one when the config said 0)
-    engine: Any  # kvstore.engine.Engine
+    engine: Engine
     executor: ThreadPoolExecutor  # tier I/O off the event loop
     health: health_aio.HealthServicer
     metrics: MetricsEndpoint | None  # Prometheus endpoint, if configured
@@ -191,7 +194,7 @@ def _add_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(capture.service, handlers)
 
 
-def build_server(config: Config, engine: Any) -> ServerHandle:
+def build_server(config: Config, engine: Engine) -> ServerHandle:
     """Build and bind (not start) a server over ``engine``; call inside the event loop."""
     host, port = check_listen(config.server)
     credentials = _server_credentials(config.server)
@@ -258,7 +261,7 @@ async def _serve_when_ready(handle: ServerHandle) -> None:
     log.info("ready: arena prefaulted, health SERVING")
 
 
-def create_server(config: Config, engine: Any | None = None) -> tuple[grpc.aio.Server, int]:
+def create_server(config: Config, engine: Engine | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started, grpc.aio server and its port (call inside the event loop).
 
     With ``engine`` None an engine is built from ``config`` (DRAM + disk); the
@@ -303,7 +306,7 @@ class ServerThread:
     ...     Client(server.address, ...)
     """
 
-    def __init__(self, config: Config, engine: Any | None = None) -> None:
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
         self.config = config
         self._owns_engine = engine is None
         self._engine = engine

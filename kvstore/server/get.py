@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import xxhash
@@ -22,6 +22,9 @@ from kvstore.errors import CapacityExhausted, Corrupt, DeadlineExceeded
 from kvstore.keys import ChunkKey
 from kvstore.server import objects
 from kvstore.server.metrics import ServiceCounters
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 # Room for a response's fields around its `data` when checking the message limit.
@@ -39,9 +42,9 @@ def check_deadline(context: grpc.aio.ServicerContext, done: int, total: int) -> 
 class ChunkStreamer:
     """Loads stored chunks through the engine and frames them as GetResponse bytes."""
 
-    def __init__(self, engine: Any, executor: Executor, counters: ServiceCounters,
+    def __init__(self, engine: Engine, executor: Executor, counters: ServiceCounters,
                  max_message_bytes: int) -> None:
-        self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
+        self._engine = engine  # blocking, thread-safe
         self._executor = executor
         self._counters = counters
         self._max_message_bytes = max_message_bytes

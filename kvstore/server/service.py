@@ -16,15 +16,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 
-from kvstore import __version__
 from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore._version import __version__
 from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
@@ -50,6 +50,9 @@ from kvstore.server.wire import (
     tokens_from_bytes,
     tokens_per_chunk,
 )
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,11 +121,11 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Serves every RPC of kvstore.v1.KVStore over one engine."""
 
-    def __init__(self, engine: Any, registry: NamespaceRegistry, authenticator: Authenticator,
+    def __init__(self, engine: Engine, registry: NamespaceRegistry, authenticator: Authenticator,
                  executor: Executor, counters: ServiceCounters, *,
                  max_message_bytes: int, limits: RequestLimits | None = None,
                  same_host: local.SameHostPolicy | None = None) -> None:
-        self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
+        self._engine = engine  # blocking, thread-safe
         self._registry = registry
         self._auth = authenticator
         self._executor = executor

@@ -11,10 +11,12 @@ from safetensors import SafetensorError
 
 from kvstore._progress import track
 from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.models.arch import fingerprint_of, geometry_of
+from kvstore.models.llama import capture_prefill
+from kvstore.models.rope import rope_spec
 from kvstore.sparse.blocks import BlockGeometry, HostBlockPool, Rope, SplitBlockSource
 from kvstore.sparse.config import SparseConfig
 from kvstore.sparse.decoder import SparseDecoder, build_sequence, is_dense_layer
-from kvstore.sparse.llama import capture_prefill, fingerprint_of, geometry_of, rope_of
 from kvstore.sparse.shadow import ShadowBundle
 from kvstore.sparse.store import HostSequenceStore, SequenceStore, sequence_kind
 
@@ -83,7 +85,8 @@ def open_decoder(model: Any, prefix: Sequence[int], cfg: SparseConfig, client: S
 
     Returns (decoder, whether the stored bundle was reused).
     """
-    fingerprint, rope = fingerprint_of(model), rope_of(model)
+    spec = rope_spec(model)
+    fingerprint, rope = fingerprint_of(model), (spec.inv_freq, spec.attention_scaling)
     prefix = list(prefix)
     kind = sequence_kind(fingerprint, cfg)
     geo = geometry_of(model)
