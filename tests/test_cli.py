@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvstore.cli import build_parser, human_bytes, main
+from kvstore.cli import build_parser, main
 from kvstore.codec.calibrate import load_table
+from kvstore.stats_table import human_bytes
 from tests.conftest import make_kv, make_tokens
 
 
