@@ -36,5 +36,9 @@ class PermissionDenied(KVStoreError):
     """The caller's credentials do not allow this (missing/bad token, foreign tenant)."""
 
 
+class FailedPrecondition(KVStoreError):
+    """The daemon lacks what the call needs (e.g. a GPU tier); another path may work."""
+
+
 class DeadlineExceeded(Unavailable):
     """The caller's deadline passed before the daemon answered."""

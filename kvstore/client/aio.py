@@ -18,6 +18,7 @@ from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client import _codec as codecs
+from kvstore.client import _gpu as gpu
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._status import error_from_rpc
@@ -83,6 +84,7 @@ class AsyncClient:
         self.max_message_bytes = max_message_bytes  # largest message sent or received
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self._local = local.LocalPath(transport)
+        self._gpu = gpu.GpuPath()
         self._codec = codecs.check_codec(codec)
         self._conns = AsyncConnections(addresses, token=token, tls_ca_file=tls_ca_file,
                                        timeout_s=timeout_s, max_message_bytes=max_message_bytes)
@@ -274,10 +276,13 @@ class AsyncClient:
         if codecs.check_decode(decode) == "client":
             out = await self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
+        got = await self._get_gpu(arr, chosen, position_free, device)
+        if got is not local.STREAM:
+            return got
         got = await self._get_local(arr, chosen, position_free)
         if got is not local.STREAM:
-            return None if got is None else from_storage(got, self.layout.dtype,
-                                                         as_numpy=as_numpy)
+            return None if got is None else gpu.on_device(from_storage(
+                got, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -289,7 +294,30 @@ class AsyncClient:
             return asm.result()
 
         out = await self._conns.acall("Get", attempt)
-        return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+        return None if out is None else gpu.on_device(from_storage(
+            out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
+
+    async def _get_gpu(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                       device: Any) -> Any:
+        """The GPU-lease read of ``_get``: a tensor on ``device``, None or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not (self._gpu.wants(index, device) and self._local.wants(index, address)):
+            return local.STREAM
+        try:
+            resp = await self._conns.stub(index).LeaseGpuChunks(
+                gpu.lease_request(self._ns, arr, position_free), timeout=self._conns.timeout_s,
+                metadata=self._conns.metadata)
+        except grpc.RpcError as exc:
+            self._gpu.fallback(index, address, error_from_rpc(exc, address))
+            return local.STREAM
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        try:  # the copies are short device work: no worker thread
+            return self._gpu.read_lease(index, address, resp, self.layout, per_chunk,
+                                        chosen or list(range(self.layout.num_layers)), device)
+        finally:
+            if resp.lease_id:
+                await self._release(index, resp.lease_id)
 
     async def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
                            device: Any) -> Any:
@@ -370,6 +398,7 @@ class AsyncClient:
 
     async def close(self) -> None:
         self._local.close()
+        self._gpu.close()
         await self._conns.aclose()
 
     async def __aenter__(self) -> AsyncClient:

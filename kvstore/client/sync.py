@@ -19,6 +19,7 @@ import grpc
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client import _codec as codecs
+from kvstore.client import _gpu as gpu
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections, Metadata
@@ -85,6 +86,7 @@ class Client:
         self.max_message_bytes = max_message_bytes  # largest message sent or received
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self._local = local.LocalPath(transport)
+        self._gpu = gpu.GpuPath()
         self._codec = codecs.check_codec(codec)
         self._conns = Connections(addresses, token=token, tls_ca_file=tls_ca_file,
                                   timeout_s=timeout_s, max_message_bytes=max_message_bytes)
@@ -131,6 +133,9 @@ class Client:
         selects (ascending) layers. Every object is verified; bad bytes raise Corrupt.
         ``decode="client"`` streams the objects as stored (compressed) and decodes
         them here, on ``device`` ("cuda": the codec's Triton kernel; None: the CPU).
+        With ``decode="server"``, ``device`` is where the result lands: for a CUDA
+        device a same-host client copies raw chunks device to device out of the
+        daemon's GPU tier (falling back to the arena, then the stream).
         """
         return self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
                          decode=decode, device=device)
@@ -285,10 +290,13 @@ class Client:
         if codecs.check_decode(decode) == "client":
             out = self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
+        got = self._get_gpu(arr, chosen, position_free, device)
+        if got is not local.STREAM:
+            return got
         out = self._get_local(arr, chosen, position_free)
         if out is not local.STREAM:
-            return None if out is None else from_storage(out, self.layout.dtype,
-                                                         as_numpy=as_numpy)
+            return None if out is None else gpu.on_device(from_storage(
+                out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -300,7 +308,30 @@ class Client:
             return asm.result()
 
         out = self._conns.call("Get", attempt)
-        return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+        return None if out is None else gpu.on_device(from_storage(
+            out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
+
+    def _get_gpu(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                 device: Any) -> Any:
+        """The GPU-lease read of ``_get``: a tensor on ``device``, None or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not (self._gpu.wants(index, device) and self._local.wants(index, address)):
+            return local.STREAM
+        try:
+            resp = self._conns.stub(index).LeaseGpuChunks(
+                gpu.lease_request(self._ns, arr, position_free), timeout=self._conns.timeout_s,
+                metadata=self._conns.metadata)
+        except grpc.RpcError as exc:
+            self._gpu.fallback(index, address, error_from_rpc(exc, address))
+            return local.STREAM
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        try:
+            return self._gpu.read_lease(index, address, resp, self.layout, per_chunk,
+                                        chosen or list(range(self.layout.num_layers)), device)
+        finally:
+            if resp.lease_id:
+                self._release(index, resp.lease_id)
 
     def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
                      device: Any) -> Any:
@@ -396,6 +427,7 @@ class Client:
 
     def close(self) -> None:
         self._local.close()
+        self._gpu.close()
         self._conns.close()
 
     def __enter__(self) -> Client:

@@ -15,6 +15,7 @@ from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     KVStoreError,
     NotFound,
@@ -33,6 +34,7 @@ STATUS_BY_ERROR: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Corrupt, grpc.StatusCode.DATA_LOSS),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

@@ -1,0 +1,281 @@
+"""The client's same-host GPU path: open the daemon's GPU slab, copy chunks device to device.
+
+When a caller asks for device output (``get(..., device="cuda")``) and the daemon
+is on this host, the client asks for a GPU lease (LeaseGpuChunks), opens the
+daemon's slab once through its CUDA IPC handle (reopened when the slab's nonce
+changes), copies each leased chunk's payload into the output tensor with one
+device-to-device copy, and verifies every chunk *as copied*: the device checksum
+(``kvstore.device_checksum``) of the object's header and section table read from
+the slab plus the bytes written into the output must equal the one the daemon
+computed when the chunk entered HBM. All chunks' sums come back in one transfer.
+
+Fallbacks (``GpuPath.fallback``): a daemon without a GPU tier (FAILED_PRECONDITION)
+or a refusing one (PERMISSION_DENIED) is not asked again; any other failure (a
+handle that cannot be opened, a chunk that fails verification, fewer chunks leased
+than stored) falls back for this read only. The caller then reads through the
+arena, then the stream, and moves the result to the device.
+
+torch and cupy are imported lazily: only a caller asking for device output loads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore.arena_file import host_boot_id
+from kvstore.client._local import STREAM, NotRaw
+from kvstore.codec.format import HEADER_BYTES, CodecId, read_header
+from kvstore.device_checksum import MASK64, device_checksum_tensor
+from kvstore.errors import (
+    Corrupt,
+    FailedPrecondition,
+    KVStoreError,
+    NotFound,
+    PermissionDenied,
+)
+from kvstore.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class OpenedSlab:
+    """The daemon's GPU slab as seen from this process."""
+
+    tensor: Any  # 1-D uint8 torch tensor aliasing the slab (no copy)
+    nonce: bytes  # LeaseGpuChunksResponse.slab_nonce of the slab this is
+    close: Callable[[], None]  # unmaps it (cudaIpcCloseMemHandle)
+
+
+SlabOpener = Callable[[pb.LeaseGpuChunksResponse], OpenedSlab]
+
+
+def open_cuda_slab(resp: pb.LeaseGpuChunksResponse) -> OpenedSlab:
+    """Open a slab's CUDA IPC handle on the device its PCI bus id names.
+
+    Raises:
+        NotFound: another host, or CUDA refuses the handle (other user, no device).
+    """
+    boot_id = host_boot_id()
+    if resp.boot_id and boot_id and resp.boot_id != boot_id:
+        raise NotFound(f"the daemon runs on another host (boot id {resp.boot_id}); its GPU "
+                       "slab cannot be opened here")
+    try:
+        import cupy
+        import torch
+
+        runtime = cupy.cuda.runtime
+        device = runtime.deviceGetByPCIBusId(resp.pci_bus_id)
+        with cupy.cuda.Device(device):
+            ptr = runtime.ipcOpenMemHandle(resp.ipc_handle,
+                                           runtime.cudaIpcMemLazyEnablePeerAccess)
+        memory = cupy.cuda.UnownedMemory(ptr, resp.slab_bytes, None, device_id=device)
+        array = cupy.ndarray((resp.slab_bytes,), dtype=cupy.uint8,
+                             memptr=cupy.cuda.MemoryPointer(memory, 0))
+        tensor = torch.as_tensor(array, device=f"cuda:{device}")
+    except Exception as exc:  # ImportError, CUDA errors: this process cannot open it
+        raise NotFound(f"cannot open the daemon's GPU slab on {resp.pci_bus_id}: {exc}") from exc
+
+    def close() -> None:
+        with cupy.cuda.Device(device):
+            runtime.ipcCloseMemHandle(ptr)
+
+    log.info("opened the daemon's GPU slab (%d bytes on %s)", resp.slab_bytes, resp.pci_bus_id)
+    return OpenedSlab(tensor, bytes(resp.slab_nonce), close)
+
+
+def lease_request(namespace: pb.Namespace, tokens: Any, position_free: bool
+                  ) -> pb.LeaseGpuChunksRequest:
+    return pb.LeaseGpuChunksRequest(namespace=namespace, tokens_le_i32=tokens.tobytes(),
+                                    position_free=position_free)
+
+
+def on_device(result: Any, device: Any, as_numpy: bool) -> Any:
+    """A get's result moved to ``device`` (arena and stream reads land on the host)."""
+    if result is None or device is None or as_numpy:
+        return result
+    return result.to(device)
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float32": torch.float32}[name]
+
+
+def copy_chunks(slab: Any, extents: Sequence[pb.GpuChunkExtent], layout: KVLayout,
+                tokens_per_chunk: int, layers: Sequence[int], out: Any) -> None:
+    """Copy leased raw objects from ``slab`` into ``out`` and verify them as copied.
+
+    Args:
+        slab: the opened slab (1-D uint8 tensor).
+        out: ``[len(layers), 2, heads, len(extents) * T, dim]`` tensor of the layout's
+            dtype on the slab's device (or any device torch can copy to).
+
+    Raises:
+        Corrupt: a header, or the checksum of the bytes copied, is wrong.
+        NotRaw: an object is not raw (the arena path decodes those).
+    """
+    import torch
+
+    dtype = torch_dtype(layout.dtype)
+    positions = {layer: i for i, layer in enumerate(layers)}
+    sums = []
+    for index, extent in enumerate(extents):
+        obj = slab[extent.offset_bytes : extent.offset_bytes + extent.length_bytes]
+        header_table = obj[:HEADER_BYTES + 8 * layout.num_layers]
+        _check_header(memoryview(header_table.cpu().numpy()), extent.length_bytes, index,
+                      layout, tokens_per_chunk)
+        table_end = header_table.numel()
+        # [layers, 2, heads, T, dim]
+        src = obj[table_end:].view(dtype).view(layout.num_layers, 2, layout.num_kv_heads,
+                                               tokens_per_chunk, layout.head_dim)
+        dst = out[:, :, :, index * tokens_per_chunk : (index + 1) * tokens_per_chunk, :]
+        if len(layers) == layout.num_layers:
+            dst.copy_(src, non_blocking=True)
+        else:
+            dst.copy_(src[list(layers)], non_blocking=True)
+        sums.append(_sum_as_copied(header_table, src, dst, positions, table_end))
+    if not sums:
+        return
+    got = torch.stack(sums).cpu().tolist()  # the one sync of the read
+    for index, (extent, value) in enumerate(zip(extents, got, strict=True)):
+        if value & MASK64 != extent.device_checksum:
+            raise Corrupt(f"GPU chunk {index}: device checksum {value & MASK64:#018x} of the "
+                          f"bytes copied, the daemon says {extent.device_checksum:#018x}")
+
+
+def _check_header(prefix: memoryview, object_bytes: int, index: int, layout: KVLayout,
+                  num_tokens: int) -> None:
+    """A raw chunk of ``layout`` with no codec metadata, or Corrupt / NotRaw."""
+    header = read_header(prefix, object_bytes)
+    if header.codec_id != CodecId.RAW:
+        raise NotRaw(f"GPU chunk {index} is stored with codec id {header.codec_id}")
+    seen = (header.dtype, header.num_layers, header.num_kv_heads, header.head_dim,
+            header.num_tokens, header.num_sections, header.meta_bytes, header.payload_bytes)
+    payload = 4 * 2 * layout.num_layers + (layout.num_layers * 2 * layout.num_kv_heads
+                                            * num_tokens * layout.head_dim * layout.itemsize)
+    want = (layout.dtype, layout.num_layers, layout.num_kv_heads, layout.head_dim, num_tokens,
+            2 * layout.num_layers, 0, payload)
+    if seen != want:
+        raise Corrupt(f"GPU chunk {index}: (dtype, layers, heads, head_dim, tokens, sections, "
+                      f"meta, payload bytes) is {seen}, expected {want}")
+
+
+def _sum_as_copied(header_table: Any, src: Any, dst: Any, positions: dict[int, int],
+                   table_end: int) -> Any:
+    """Device checksum of the object with its payload taken from what was written.
+
+    Layers not asked for are summed from the slab (they were not copied).
+    """
+    import torch
+
+    total = device_checksum_tensor(header_table)
+    if len(positions) == src.shape[0]:  # every layer: one contiguous pass over the copy
+        flat = dst.contiguous().view(-1).view(torch.uint8)
+        return total + device_checksum_tensor(flat, table_end // 4)
+    layer_bytes = src[0].numel() * src.element_size()
+    for layer in range(src.shape[0]):
+        position = positions.get(layer)
+        part = src[layer] if position is None else dst[position]
+        flat = part.contiguous().view(-1).view(torch.uint8)
+        total = total + device_checksum_tensor(flat, (table_end + layer * layer_bytes) // 4)
+    return total
+
+
+class GpuPath:
+    """Per-address state of the GPU path: opened slabs and which daemons refuse it."""
+
+    def __init__(self, opener: SlabOpener = open_cuda_slab,
+                 device_types: tuple[str, ...] = ("cuda",)) -> None:
+        """Args:
+        opener: opens a slab from a lease response (tests pass a host-memory one).
+        device_types: output devices this path serves ("cuda"; tests add "cpu").
+        """
+        self._opener = opener
+        self._device_types = device_types
+        self._slabs: dict[int, OpenedSlab | None] = {}  # None: the daemon refuses the path
+
+    def wants(self, index: int, device: Any) -> bool:
+        """Whether a read for ``device`` from daemon ``index`` should try the GPU path."""
+        if device is None or self._slabs.get(index, True) is None:
+            return False
+        import torch
+
+        return torch.device(device).type in self._device_types
+
+    def slab(self, index: int, resp: pb.LeaseGpuChunksResponse) -> OpenedSlab:
+        """The opened slab of a lease response, opening (or reopening) it if needed."""
+        opened = self._slabs.get(index)
+        if opened is not None and opened.nonce == bytes(resp.slab_nonce):
+            return opened
+        self.forget(index)
+        opened = self._opener(resp)
+        self._slabs[index] = opened
+        return opened
+
+    def read(self, index: int, resp: pb.LeaseGpuChunksResponse, layout: KVLayout,
+             tokens_per_chunk: int, layers: Sequence[int], device: Any) -> Any:
+        """The leased chunks as a tensor on ``device``; None if nothing is stored.
+
+        Raises:
+            Corrupt, NotRaw, NotFound: the caller falls back for this read.
+        """
+        import torch
+
+        if resp.num_chunks_stored == 0:
+            return None
+        if len(resp.extents) < resp.num_chunks_stored:
+            raise NotFound(f"only {len(resp.extents)} of {resp.num_chunks_stored} stored "
+                           "chunks could be placed in the daemon's GPU tier")
+        slab = self.slab(index, resp).tensor
+        out = torch.empty((len(layers), 2, layout.num_kv_heads,
+                           len(resp.extents) * tokens_per_chunk, layout.head_dim),
+                          dtype=torch_dtype(layout.dtype), device=device)
+        copy_chunks(slab, resp.extents, layout, tokens_per_chunk, layers, out)
+        return out
+
+    def read_lease(self, index: int, address: str, resp: pb.LeaseGpuChunksResponse,
+                   layout: KVLayout, tokens_per_chunk: int, layers: Sequence[int],
+                   device: Any) -> Any:
+        """``read``, with failures turned into a fallback: a tensor, None or STREAM.
+
+        The caller releases the lease afterwards; every copy has completed by then
+        (reading the checksums back waited for them).
+        """
+        try:
+            return self.read(index, resp, layout, tokens_per_chunk, layers, device)
+        except (KVStoreError, NotRaw) as exc:
+            self.fallback(index, address, exc)
+            return STREAM
+
+    def fallback(self, index: int, address: str, exc: Exception) -> None:
+        """After a GPU-path failure: stop asking a daemon that refuses, log the rest."""
+        if isinstance(exc, FailedPrecondition | PermissionDenied):
+            log.info("GPU path of %s unavailable (%s); using the arena or Get", address, exc)
+            self.forget(index)
+            self._slabs[index] = None
+        else:
+            log.warning("GPU read from %s failed (%s); reading elsewhere this time", address,
+                        exc)
+            self.forget(index)
+
+    def is_refused(self, index: int) -> bool:
+        return index in self._slabs and self._slabs[index] is None
+
+    def forget(self, index: int) -> None:
+        opened = self._slabs.pop(index, None)
+        if opened is not None:
+            opened.close()
+
+    def close(self) -> None:
+        for index in list(self._slabs):
+            self.forget(index)
+
+
+__all__ = ["GpuPath", "NotRaw", "OpenedSlab", "copy_chunks", "open_cuda_slab"]
