@@ -241,6 +241,9 @@ class DiskTier:
         one DMA. False (counted like ``get``'s misses) if absent, unreadable, corrupt,
         of another size than ``out``, or not raw when ``want_raw``.
         """
+        if self.object_bytes(key) != len(out):  # absent, or the caller's size is stale
+            self._count_miss()
+            return False
         path = self.path_of(key)
         try:
             num_read, inode = self._io.read_into(path, out)
