@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         layout, chunks = source()
         for level in levels:
             measure(level, layout, chunks, batches, args.repeat, "cpu", host_only=True,
-                    model="SmolLM2-135M", chunk_tokens=CHUNK, prefix_tokens=args.prefix_tokens)
+                    model="SmolLM2-135M", chunk_tokens=CHUNK, prefix_tokens=len(chunks) * CHUNK,
+                    kv_source=args.kv_file or "model")
         return 0
     if not torch.cuda.is_available():
         emit(SUBJECT, "skipped", skipped=True, reason="no CUDA device; --smoke runs the "

@@ -69,7 +69,6 @@ def _data(num_chunks: int) -> tuple[list[int], np.ndarray]:
 
 def bench_ipc(num_chunks: int, repeat: int, workdir: Path, common: dict[str, Any]) -> None:
     import torch
-
     from _gpu_local import bench_gpu
 
     room = int(num_chunks * (LAYOUT.chunk_bytes + 4096) * 1.25) + (256 << 20)
@@ -105,8 +104,8 @@ def bench_kvikio(num_chunks: int, repeat: int, workdir: Path, drop: bool,
     import torch
 
     from kvstore.config import DiskTierConfig
-    from kvstore.tiers.disk import DiskTier
     from kvstore.keys import ChunkKey
+    from kvstore.tiers.disk import DiskTier
     from kvstore.tiers.disk_io import PosixIO, device_read_mode, read_to_device, select_io
 
     try:
