@@ -73,11 +73,13 @@ def open_cuda_slab(resp: pb.LeaseGpuChunksResponse) -> OpenedSlab:
         with cupy.cuda.Device(device):
             ptr = runtime.ipcOpenMemHandle(resp.ipc_handle,
                                            runtime.cudaIpcMemLazyEnablePeerAccess)
-        memory = cupy.cuda.UnownedMemory(ptr, resp.slab_bytes, None, device_id=device)
+        memory = cupy.cuda.UnownedMemory(ptr, resp.slab_bytes, resp, device_id=device)
         array = cupy.ndarray((resp.slab_bytes,), dtype=cupy.uint8,
                              memptr=cupy.cuda.MemoryPointer(memory, 0))
         tensor = torch.as_tensor(array, device=f"cuda:{device}")
-    except Exception as exc:  # ImportError, CUDA errors: this process cannot open it
+    # ImportError, CUDA errors (another user, or the daemon's own process: CUDA cannot
+    # open a handle in the process that exported it): this read falls back.
+    except Exception as exc:
         raise NotFound(f"cannot open the daemon's GPU slab on {resp.pci_bus_id}: {exc}") from exc
 
     def close() -> None:
@@ -264,6 +266,10 @@ class GpuPath:
             log.warning("GPU read from %s failed (%s); reading elsewhere this time", address,
                         exc)
             self.forget(index)
+
+    def is_open(self, index: int) -> bool:
+        """Whether daemon ``index``'s slab is opened (a GPU-path read got that far)."""
+        return self._slabs.get(index) is not None
 
     def is_refused(self, index: int) -> bool:
         return index in self._slabs and self._slabs[index] is None

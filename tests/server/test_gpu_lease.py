@@ -93,6 +93,7 @@ def test_gpu_lease_get_copies_from_the_slab(gpu_server, layout):
         c.put(tokens, kv)
         sent = server.counters.sent_bytes
         assert torch.equal(c.get(tokens, device="cpu"), torch.from_numpy(kv))
+        assert c._gpu.is_open(0)  # read through the slab, not a fallback
         assert torch.equal(c.get(tokens, layers=[1, 3], device="cpu"),
                            torch.from_numpy(kv[[1, 3]]))
         assert server.counters.sent_bytes == sent
@@ -114,6 +115,7 @@ def test_async_client_reads_the_slab_too(gpu_server, layout):
             c._gpu = _host_gpu_path()
             await c.put(tokens, kv)
             assert torch.equal(await c.get(tokens, device="cpu"), torch.from_numpy(kv))
+            assert c._gpu.is_open(0)
 
     asyncio.run(run())
     assert slab.num_uploads == 2 and gpu.num_leases() == 0
@@ -130,6 +132,7 @@ def test_corrupt_slab_bytes_fall_back_to_the_arena(gpu_server, layout):
         slab.corrupt(extent.offset + extent.length - 7)  # a payload byte of one chunk
         assert torch.equal(c.get(tokens, device="cpu"), torch.from_numpy(kv))
         assert not c._gpu.is_refused(0)  # a bad read, not a refusal: tried again next time
+        assert not c._gpu.is_open(0)  # the failed read let go of the slab
 
 
 def test_gpu_lease_pins_until_released_or_expired(gpu_server, layout):

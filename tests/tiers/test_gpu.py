@@ -8,6 +8,7 @@ tests/server/test_gpu_lease.py).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,9 @@ from kvstore.tiers.gpu_cuda import cuda_available
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_available(), reason="needs torch, cupy and a CUDA "
                                  "device")]
+
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def _ipc_child(queue, resp_bytes, offset, length, expected):  # runs in a spawned process
@@ -89,24 +93,41 @@ def test_cuda_ipc_open_from_another_process_reads_the_slab():
 
 
 def test_client_device_get_copies_from_the_gpu_tier(tmp_path: Path):
+    import subprocess
+    import sys
+
+    import grpc
     import torch
 
     from kvstore.client import Client
-    from kvstore.server.app import ServerThread
-    from tests.conftest import SMALL_LAYOUT, make_config, make_kv, make_tokens
+    from tests.conftest import SMALL_LAYOUT, make_kv, make_tokens
 
-    config = make_config(tmp_path / "data", **{"tiers.gpu.capacity_bytes": 16 << 20})
-    tokens, kv = make_tokens(64), make_kv(SMALL_LAYOUT, 64)
-    with ServerThread(config) as server, Client(server.address, "m", SMALL_LAYOUT) as c:
-        c.put(tokens, kv)
-        sent = server.counters.sent_bytes
-        got = c.get(tokens, device="cuda")
-        assert got.is_cuda and torch.equal(got.cpu(), torch.from_numpy(kv))
-        part = c.get(tokens, layers=[0, 3], device="cuda")
-        assert torch.equal(part.cpu(), torch.from_numpy(kv[[0, 3]]))
-        assert server.counters.sent_bytes == sent
-        gpu = server.engine.gpu
-        assert gpu.stats().num_objects == 4 and gpu.num_leases() == 0
+    # The daemon runs in its own process: CUDA cannot open an IPC handle in the
+    # process that exported it.
+    config = tmp_path / "gpu.toml"
+    config.write_text(f'[tiers.gpu]\ncapacity_bytes = "16MiB"\n[tiers.cpu]\n'
+                      f'shm_dir = "{tmp_path}"\n[tiers.disk]\npath = "{tmp_path / "disk"}"\n')
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    daemon = subprocess.Popen([sys.executable, "-m", "kvstore", "serve", "--config", str(config),
+                               "--listen", address], cwd=ROOT)
+    try:
+        grpc.channel_ready_future(grpc.insecure_channel(address)).result(timeout=120)
+        tokens, kv = make_tokens(64), make_kv(SMALL_LAYOUT, 64)
+        with Client(address, "m", SMALL_LAYOUT, timeout_s=60) as c:
+            c.put(tokens, kv)
+            got = c.get(tokens, device="cuda")
+            assert got.is_cuda and torch.equal(got.cpu(), torch.from_numpy(kv))
+            assert c._gpu.is_open(0)  # through the GPU tier, not a fallback
+            part = c.get(tokens, layers=[0, 3], device="cuda")
+            assert torch.equal(part.cpu(), torch.from_numpy(kv[[0, 3]]))
+            gpu = c.stats()["tiers"][0]
+            assert gpu["name"] == "gpu" and gpu["num_objects"] == 4
+            assert gpu["info"]["leases"] == "0"
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
 
 
 def test_registered_arena_h2d_copy_is_bit_exact(tmp_path: Path):
