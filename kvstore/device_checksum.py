@@ -26,6 +26,7 @@ from typing import Any
 
 MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B9
+MULTIPLIER = 2 * _GOLDEN  # word i of an object is weighted by MULTIPLIER * i + 1
 
 
 def checksum_reference(data: bytes | memoryview, start_word: int = 0) -> int:

@@ -29,7 +29,7 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore.arena_file import host_boot_id
 from kvstore.client._local import STREAM, NotRaw
 from kvstore.codec.format import HEADER_BYTES, CodecId, read_header
-from kvstore.device_checksum import MASK64, device_checksum_tensor
+from kvstore.device_checksum import MASK64, MULTIPLIER
 from kvstore.errors import (
     Corrupt,
     FailedPrecondition,
@@ -114,10 +114,14 @@ def copy_chunks(slab: Any, extents: Sequence[pb.GpuChunkExtent], layout: KVLayou
                 tokens_per_chunk: int, layers: Sequence[int], out: Any) -> None:
     """Copy leased raw objects from ``slab`` into ``out`` and verify them as copied.
 
+    Two transfers whatever the number of chunks: every header and section table
+    comes back in one (checked against the layout before anything is copied), then,
+    after one fused copy-and-sum launch over all rows, every chunk's checksum.
+
     Args:
         slab: the opened slab (1-D uint8 tensor).
-        out: ``[len(layers), 2, heads, len(extents) * T, dim]`` tensor of the layout's
-            dtype on the slab's device (or any device torch can copy to).
+        out: ``[len(layers), 2, heads, len(extents) * T, dim]`` contiguous tensor of the
+            layout's dtype on the slab's device.
 
     Raises:
         Corrupt: a header, or the checksum of the bytes copied, is wrong.
@@ -125,31 +129,65 @@ def copy_chunks(slab: Any, extents: Sequence[pb.GpuChunkExtent], layout: KVLayou
     """
     import torch
 
-    dtype = torch_dtype(layout.dtype)
-    positions = {layer: i for i, layer in enumerate(layers)}
-    sums = []
+    from kvstore.kernels.chunk_copy import copy_rows  # only when copying to a device
+
+    num_chunks = len(extents)
+    words = slab[: slab.numel() // 4 * 4].view(torch.int32)
+    prefix_words = (HEADER_BYTES + 8 * layout.num_layers) // 4  # header + section table
+    starts = torch.tensor([e.offset_bytes // 4 for e in extents], dtype=torch.int64,
+                          device=slab.device)
+    prefixes = words[starts[:, None] + torch.arange(prefix_words, device=slab.device)]
+    host = prefixes.cpu().numpy()  # [chunks, prefix_words]: the first transfer
     for index, extent in enumerate(extents):
-        obj = slab[extent.offset_bytes : extent.offset_bytes + extent.length_bytes]
-        header_table = obj[:HEADER_BYTES + 8 * layout.num_layers]
-        _check_header(memoryview(header_table.cpu().numpy()), extent.length_bytes, index,
-                      layout, tokens_per_chunk)
-        table_end = header_table.numel()
-        # [layers, 2, heads, T, dim]
-        src = obj[table_end:].view(dtype).view(layout.num_layers, 2, layout.num_kv_heads,
-                                               tokens_per_chunk, layout.head_dim)
-        dst = out[:, :, :, index * tokens_per_chunk : (index + 1) * tokens_per_chunk, :]
-        if len(layers) == layout.num_layers:
-            dst.copy_(src, non_blocking=True)
-        else:
-            dst.copy_(src[list(layers)], non_blocking=True)
-        sums.append(_sum_as_copied(header_table, src, dst, positions, table_end))
-    if not sums:
-        return
-    got = torch.stack(sums).cpu().tolist()  # the one sync of the read
+        _check_header(memoryview(host[index]).cast("B"), extent.length_bytes, index, layout,
+                      tokens_per_chunk)
+    plan = _row_plan(starts, prefix_words, layout, tokens_per_chunk, layers, num_chunks)
+    out_words = out.view(-1).view(torch.int32)
+    row_sums = copy_rows(words, out_words, plan.src, plan.dst, plan.start, plan.row_words)
+    weights = torch.arange(prefix_words, device=slab.device) * MULTIPLIER + 1
+    totals = ((prefixes.to(torch.int64) & 0xFFFFFFFF) * weights).sum(1)
+    totals = totals + row_sums.view(num_chunks, -1).sum(1)
+    got = totals.cpu().tolist()  # the second transfer; it also waits for the copies
     for index, (extent, value) in enumerate(zip(extents, got, strict=True)):
         if value & MASK64 != extent.device_checksum:
             raise Corrupt(f"GPU chunk {index}: device checksum {value & MASK64:#018x} of the "
                           f"bytes copied, the daemon says {extent.device_checksum:#018x}")
+
+
+@dataclass(frozen=True, slots=True)
+class _RowPlan:
+    """One row per (chunk, layer, K|V, head): ``T * dim`` elements, contiguous both sides."""
+
+    src: Any  # int64 [rows]: first word of the row in the slab
+    dst: Any  # int64 [rows]: first word in the output, -1 for layers not asked for
+    start: Any  # int64 [rows]: word index of the row within its object (checksum weights)
+    row_words: int  # words per row
+
+
+def _row_plan(starts: Any, prefix_words: int, layout: KVLayout, tokens: int,
+              layers: Sequence[int], num_chunks: int) -> _RowPlan:
+    import torch
+
+    row_bytes = tokens * layout.head_dim * layout.itemsize
+    if row_bytes % 4:
+        raise NotRaw(f"rows of {row_bytes} bytes are not whole 32-bit words")
+    row_words = row_bytes // 4
+    device = starts.device
+    rows_per_layer = 2 * layout.num_kv_heads
+    rows = torch.arange(layout.num_layers * rows_per_layer, device=device)  # object order
+    position = torch.full((layout.num_layers,), -1, dtype=torch.int64, device=device)
+    position[torch.tensor(list(layers), device=device)] = torch.arange(len(layers),
+                                                                       device=device)
+    out_row = position[rows // rows_per_layer] * rows_per_layer + rows % rows_per_layer
+    chunk = torch.arange(num_chunks, device=device)[:, None]
+    start = prefix_words + rows * row_words  # [rows]
+    src = starts[:, None] + start  # [chunks, rows]
+    # out is [layers asked, 2, heads, chunks * T, dim]: output row r holds every chunk's
+    # tokens, chunk c at word c * row_words within it.
+    dst = out_row * (num_chunks * row_words) + chunk * row_words
+    dst = torch.where(out_row >= 0, dst, torch.full_like(dst, -1))
+    return _RowPlan(src.reshape(-1), dst.reshape(-1), start.expand(num_chunks, -1).reshape(-1),
+                    row_words)
 
 
 def _check_header(prefix: memoryview, object_bytes: int, index: int, layout: KVLayout,
@@ -167,27 +205,6 @@ def _check_header(prefix: memoryview, object_bytes: int, index: int, layout: KVL
     if seen != want:
         raise Corrupt(f"GPU chunk {index}: (dtype, layers, heads, head_dim, tokens, sections, "
                       f"meta, payload bytes) is {seen}, expected {want}")
-
-
-def _sum_as_copied(header_table: Any, src: Any, dst: Any, positions: dict[int, int],
-                   table_end: int) -> Any:
-    """Device checksum of the object with its payload taken from what was written.
-
-    Layers not asked for are summed from the slab (they were not copied).
-    """
-    import torch
-
-    total = device_checksum_tensor(header_table)
-    if len(positions) == src.shape[0]:  # every layer: one contiguous pass over the copy
-        flat = dst.contiguous().view(-1).view(torch.uint8)
-        return total + device_checksum_tensor(flat, table_end // 4)
-    layer_bytes = src[0].numel() * src.element_size()
-    for layer in range(src.shape[0]):
-        position = positions.get(layer)
-        part = src[layer] if position is None else dst[position]
-        flat = part.contiguous().view(-1).view(torch.uint8)
-        total = total + device_checksum_tensor(flat, (table_end + layer * layer_bytes) // 4)
-    return total
 
 
 class GpuPath:
