@@ -165,7 +165,8 @@ def host_pool(s: Shape, n: int, device: str) -> list[torch.Tensor]:
     for _ in range(s.layers - s.dense_layers):
         host = torch.empty(2, s.kv_heads, nb, s.block * s.dim, dtype=torch.float16,
                            pin_memory=device == "cuda")
-        host.normal_()
+        # Contents do not change the timing; zeroing 2.8 GB beats a CPU normal_ by seconds.
+        host.zero_() if device == "cuda" else host.normal_()
         pool.append(_uva_view(host) if device == "cuda" else host)
         if device == "cuda":
             pool[-1]._host = host  # type: ignore[attr-defined] # keep the pages alive

@@ -5,6 +5,9 @@
 #   bash bench/gpu_check.sh             # on the GPU machine (or on a CPU: every step skips)
 #   bash bench/gpu_check.sh --dry-run   # print the steps and check what they need; run nothing
 #
+# Steps: pytest -m gpu; the Triton kernels natively (kvq decode, sparse, chunk copy);
+# bench_codec_gpu.py; bench_gpu_io.py; bench_sparse_gpu.py.
+#
 # Needs, beside the repository (bench/README.md, "GPU check", says how to make them):
 #   .whl/                      wheels of what the GPU image lacks (kvikio-cu13 and the
 #                              daemon's own dependencies), installed into /tmp/site
@@ -75,6 +78,7 @@ if [ $HAS_GPU = 1 ] && [ $DRY = 0 ]; then
   # kvstore.kernels lives in kernels/: an (editable) install maps it into the package.
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >>"$OUT/env.txt" \
     2>&1 || note "editable install of kvstore failed"
+  $PY -c "import kvstore.kernels" 2>/dev/null || ln -sfn ../kernels kvstore/kernels
   { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda',
 torch.version.cuda, torch.cuda.get_device_name()); print('triton', triton.__version__)";
     $PY -c "import cupy, kvikio, kvikio.defaults; print('cupy', cupy.__version__, 'kvikio',
@@ -85,7 +89,7 @@ fi
 run_step pytest_gpu 100 pytest.log $PY -m pytest -q -p no:cacheprovider -m gpu \
   --continue-on-collection-errors tests/
 run_step pytest_kernels 100 pytest.log $PY -m pytest -q -p no:cacheprovider \
-  tests/codec/test_kernel.py tests/sparse/test_kernels.py
+  tests/codec/test_kernel.py tests/sparse/test_kernels.py tests/sparse/test_chunk_copy.py
 if [ -f "$KV_FILE" ] || [ $DRY = 1 ]; then
   run_step codec_gpu 80 codec_gpu.log $PY bench/bench_codec_gpu.py --kv-file "$KV_FILE" \
     --levels near-lossless,balanced,aggressive --batches 1,8,64 --repeat 3
