@@ -13,6 +13,13 @@ Tiers named in ``write_through_tiers`` (the shared Redis tier) receive every put
 synchronously, whatever the policy; a slower tier is added by appending it to the
 tier list and, if it should receive puts, naming it there.
 
+The GPU tier (``gpu``, optional) sits above DRAM as an inclusive cache of raw
+chunks: a chunk enters HBM when it has been read ``tiers.gpu.promote_after_hits``
+times (0: on put), or when a same-host client leases it for device output
+(``promote_to_gpu``); the GPU tier's LRU evicts within its slab and a victim no
+lower tier holds is demoted into DRAM (`Engine._demote_gpu`). Reads prefer DRAM
+(host bytes, no device copy) and fall back to HBM before the disk.
+
 Locking: each tier is thread-safe on its own. Operations that must not interleave
 with a delete of the same key (demotion, flushing, undoing a racing promotion) hold
 a per-key striped lock. No key lock is ever held while calling ``CpuTier.put``,
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
 from kvstore.config import Config, EngineConfig
@@ -33,11 +41,14 @@ from kvstore.quotas import TenantQuotas, TenantUsage
 from kvstore.tiers.base import Tier, TierStats
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.gpu import GpuTier
+from kvstore.tiers.gpu_cuda import open_gpu_tier
 from kvstore.tiers.redis import RedisTier
 
 logger = logging.getLogger(__name__)
 
 _NUM_KEY_STRIPES = 64  # striped key locks: plenty for a thread pool of tens
+_MAX_HIT_COUNTS = 1 << 16  # keys whose gets are counted toward GPU promotion (LRU)
 
 
 def _num_leading(present: Sequence[bool]) -> int:
@@ -57,6 +68,7 @@ class Engine:
         *,
         write_through_tiers: Collection[str] = (),
         quotas: TenantQuotas | None = None,
+        gpu: GpuTier | None = None,
     ) -> None:
         """Args:
         config: write policy and flush interval.
@@ -64,6 +76,7 @@ class Engine:
         tiers: fastest first; ``tiers[0]`` must be a `CpuTier` whose ``on_evict`` is
             unset: the engine takes it over to demote evicted chunks.
         write_through_tiers: names of tiers below DRAM that get every put synchronously.
+        gpu: the HBM tier above DRAM, or None; the engine takes over its ``on_evict``.
 
         Raises:
             InvalidArgument: on a tier list or config the engine cannot work with.
@@ -90,6 +103,11 @@ class Engine:
         self._close_lock = threading.Lock()
         self._stop = threading.Event()
         self._cpu.on_evict = self._demote
+        self._gpu = gpu
+        self._gpu_hits: OrderedDict[ChunkKey, int] = OrderedDict()  # gets since last promotion
+        self._gpu_hits_lock = threading.Lock()
+        if gpu is not None:
+            gpu.on_evict = self._demote_gpu
         self._flusher: threading.Thread | None = None
         if self._is_write_back:
             self._flusher = threading.Thread(
@@ -130,12 +148,22 @@ class Engine:
             if config.tiers.redis.write_through:
                 write_through.add("redis")
         quotas = TenantQuotas(config.tenants)
-        return cls(config.engine, tiers, write_through_tiers=write_through, quotas=quotas)
+        return cls(config.engine, tiers, write_through_tiers=write_through, quotas=quotas,
+                   gpu=open_gpu_tier(config.tiers.gpu))
 
     @property
     def dram(self) -> CpuTier:
         """The DRAM tier (its arena serves same-host clients' leases)."""
         return self._cpu
+
+    @property
+    def gpu(self) -> GpuTier | None:
+        """The HBM tier (its slab serves same-host clients' GPU leases), or None."""
+        return self._gpu
+
+    def _all_tiers(self) -> list[Tier]:
+        """Every tier fastest first: the GPU tier (if any), then DRAM and below."""
+        return ([self._gpu] if self._gpu is not None else []) + self._tiers
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
@@ -161,15 +189,16 @@ class Engine:
     def lookup(self, keys: Sequence[ChunkKey]) -> tuple[int, dict[str, int]]:
         """How many leading ``keys`` are stored: in any tier, and per tier by name."""
         self._check_open()
-        present = [tier.contains_many(keys) for tier in self._tiers]
-        names = [tier.name for tier in self._tiers]
+        tiers = self._all_tiers()
+        present = [tier.contains_many(keys) for tier in tiers]
+        names = [tier.name for tier in tiers]
         per_tier = {name: _num_leading(p) for name, p in zip(names, present, strict=True)}
         in_any = [any(column) for column in zip(*present, strict=True)]
         return _num_leading(in_any), per_tier
 
     def contains(self, key: ChunkKey) -> bool:
         self._check_open()
-        return any(tier.contains_many([key])[0] for tier in self._tiers)
+        return any(tier.contains_many([key])[0] for tier in self._all_tiers())
 
     def get(self, key: ChunkKey) -> bytes | None:
         """The object under ``key`` from the fastest tier holding it, or None.
@@ -177,10 +206,17 @@ class Engine:
         A hit below DRAM is promoted into DRAM (and a hit below the disk into the disk).
         """
         self._check_open()
+        deletes_before = self._num_deletes
         obj = self._cpu.get(key)
-        if obj is not None:
-            return obj
-        return self._get_below_dram(key)
+        if obj is None and self._gpu is not None:
+            obj = self._gpu.get(key)
+            if obj is not None:
+                return obj
+        if obj is None:
+            obj = self._get_below_dram(key)
+        if obj is not None and self._gpu is not None and self._is_hot(key):
+            self._place_in_gpu(key, obj, deletes_before)
+        return obj
 
     def _get_below_dram(self, key: ChunkKey) -> bytes | None:
         deletes_before = self._num_deletes
@@ -270,6 +306,8 @@ class Engine:
         if in_dram and self._is_write_back:
             with self._dirty_lock:
                 self._dirty[key] = None
+        if self._gpu is not None and self._gpu.promote_after_hits == 0:
+            self._gpu.put(key, obj)  # a refusal (not raw, room leased) only costs speed
         return True
 
     def delete(self, key: ChunkKey) -> bool:
@@ -279,7 +317,9 @@ class Engine:
             with self._dirty_lock:  # also guards the counter: deletes of other keys race here
                 self._num_deletes += 1
                 self._dirty.pop(key, None)
-            found = [tier.delete(key) for tier in self._tiers]
+            found = [tier.delete(key) for tier in self._all_tiers()]
+        with self._gpu_hits_lock:
+            self._gpu_hits.pop(key, None)
         if self._quotas is not None:
             self._quotas.forget(key)
         return any(found)
@@ -322,6 +362,80 @@ class Engine:
                 # Keep flushing later rounds; a tier bug must not end write-back silently.
                 logger.exception("write-back flush failed")
 
+    # -- the GPU tier -----------------------------------------------------------------
+
+    def _is_hot(self, key: ChunkKey) -> bool:
+        """Count a get of ``key``; True once it reached the GPU tier's promotion threshold."""
+        assert self._gpu is not None
+        with self._gpu_hits_lock:
+            hits = self._gpu_hits.pop(key, 0) + 1
+            if hits >= self._gpu.promote_after_hits:
+                return True
+            self._gpu_hits[key] = hits
+            if len(self._gpu_hits) > _MAX_HIT_COUNTS:
+                self._gpu_hits.popitem(last=False)
+        return False
+
+    def _place_in_gpu(self, key: ChunkKey, obj: bytes, deletes_before: int) -> bool:
+        assert self._gpu is not None
+        if not self._gpu.put(key, obj):
+            return False
+        if self._num_deletes != deletes_before and not self._held_below_gpu(key):
+            self._gpu.delete(key)  # deleted while we copied: do not resurrect it in HBM
+            return False
+        return True
+
+    def _held_below_gpu(self, key: ChunkKey) -> bool:
+        return any(tier.contains_many([key])[0] for tier in self._tiers) or self._is_dirty(key)
+
+    def promote_to_gpu(self, key: ChunkKey) -> bool:
+        """Copy ``key`` into HBM now (a client leases it for device output); True if held.
+
+        From DRAM when it is there; else straight from the disk tier's file into the
+        GPU slab's pinned staging buffer (kvikio or POSIX), verified there; else
+        through ``get`` (promoting into DRAM on the way).
+        """
+        self._check_open()
+        gpu = self._gpu
+        if gpu is None:
+            return False
+        if gpu.contains_many([key])[0]:
+            return True
+        deletes_before = self._num_deletes
+        obj = self._cpu.peek(key)
+        if obj is None and isinstance(self._backing, DiskTier):
+            disk = self._backing
+            size = disk.object_bytes(key)
+            if size is not None and gpu.put_filled(key, size, lambda buf: disk.read_into(
+                    key, buf, want_raw=True)):
+                if self._num_deletes != deletes_before and not self._held_below_gpu(key):
+                    gpu.delete(key)
+                    return False
+                return True
+        if obj is None:
+            obj = self.get(key)
+        return obj is not None and self._place_in_gpu(key, obj, deletes_before)
+
+    def _demote_gpu(self, key: ChunkKey, obj: bytes) -> None:
+        """The GPU tier's on_evict: keep the chunk in DRAM unless a lower tier holds it."""
+        if self._held_below_gpu(key):
+            return
+        deletes_before = self._num_deletes
+        if not self._cpu.put(key, obj):
+            self._write_backing(key, obj)  # DRAM full of leased bytes: straight to disk
+        elif self._is_write_back:
+            with self._dirty_lock:
+                self._dirty[key] = None
+        assert self._gpu is not None
+        if self._num_deletes != deletes_before and not self._gpu.contains_many([key])[0]:
+            # Deleted meanwhile (delete hides a victim mid-eviction): undo the copies.
+            with self._key_lock(key):
+                with self._dirty_lock:
+                    self._dirty.pop(key, None)
+                self._cpu.delete(key)
+                if self._backing is not None:
+                    self._backing.delete(key)
+
     # -- bookkeeping --------------------------------------------------------------
 
     def _key_lock(self, key: ChunkKey) -> threading.Lock:
@@ -337,9 +451,9 @@ class Engine:
 
     def stats(self) -> list[TierStats]:
         """Per-tier stats, fastest first; DRAM's ``info["dirty"]`` counts unflushed chunks."""
-        all_stats = [tier.stats() for tier in self._tiers]
+        all_stats = [tier.stats() for tier in self._all_tiers()]
         with self._dirty_lock:
-            all_stats[0].info["dirty"] = str(len(self._dirty))
+            all_stats[0 if self._gpu is None else 1].info["dirty"] = str(len(self._dirty))
         return all_stats
 
     def close(self) -> None:
@@ -352,5 +466,5 @@ class Engine:
         if self._flusher is not None:
             self._flusher.join()
         self.flush()
-        for tier in self._tiers:
+        for tier in self._all_tiers():
             tier.close()

@@ -26,6 +26,7 @@ import xxhash
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import _blobs as blobs
 from kvstore.client import _codec as codecs
+from kvstore.client import _gpu as gpu
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections
@@ -70,6 +71,7 @@ class ClientCore:
         self.max_blob_part_bytes = max_blob_part_bytes  # larger blobs are stored in parts
         self.num_broken_blobs = 0  # parted blobs read with a part missing or not matching
         self._local = local.LocalPath(transport)
+        self._gpu = gpu.GpuPath()
         self._codec = codecs.check_codec(codec)
         self._conns = self.connections(addresses, token=token, tls_ca_file=tls_ca_file,
                                        timeout_s=timeout_s, max_message_bytes=max_message_bytes,
@@ -115,6 +117,9 @@ class ClientCore:
         selects (ascending) layers. Every object is verified; bad bytes raise Corrupt.
         ``decode="client"`` streams the objects as stored (compressed) and decodes
         them here, on ``device`` ("cuda": the codec's Triton kernel; None: the CPU).
+        With ``decode="server"``, ``device`` is where the result lands: for a CUDA
+        device a same-host client copies raw chunks device to device out of the
+        daemon's GPU tier (falling back to the arena, then the stream).
         """
         return (yield from self._get(tokens, layers=layers, as_numpy=as_numpy,
                                      position_free=False, decode=decode, device=device))
@@ -359,10 +364,13 @@ class ClientCore:
         if codecs.check_decode(decode) == "client":
             out = yield from self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
+        got = yield from self._get_gpu(arr, chosen, position_free, device)
+        if got is not local.STREAM:
+            return got
         out = yield from self._get_local(arr, chosen, position_free)
         if out is not local.STREAM:
-            return None if out is None else from_storage(out, self.layout.dtype,
-                                                         as_numpy=as_numpy)
+            return None if out is None else gpu.on_device(from_storage(
+                out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -375,7 +383,30 @@ class ClientCore:
             return asm.result()
 
         out = yield from self._failover("Get", attempt)
-        return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+        return None if out is None else gpu.on_device(from_storage(
+            out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
+
+    def _get_gpu(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                 device: Any) -> Plan[Any]:
+        """The GPU-lease read of ``_get``: a tensor on ``device``, None or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not (self._gpu.wants(index, device) and self._local.wants(index, address)):
+            return local.STREAM
+        try:
+            resp = yield Unary(index, "LeaseGpuChunks",
+                               gpu.lease_request(self._ns, arr, position_free),
+                               self._conns.timeout_s)
+        except grpc.RpcError as exc:
+            self._gpu.fallback(index, address, error_from_rpc(exc, address))
+            return local.STREAM
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        try:  # the copies are short device work: no worker thread
+            return self._gpu.read_lease(index, address, resp, self.layout, per_chunk,
+                                        chosen or list(range(self.layout.num_layers)), device)
+        finally:
+            if resp.lease_id:
+                yield from self._release(index, resp.lease_id)
 
     def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
                      device: Any) -> Plan[Any]:

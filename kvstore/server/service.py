@@ -32,7 +32,7 @@ from kvstore.errors import (
     Unauthenticated,
 )
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.server import blobs, local, objects
+from kvstore.server import blobs, gpu, local, objects
 from kvstore.server.auth import Authenticator, LeaseOwners
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
@@ -306,8 +306,24 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                            tenant: str | None):
         self._same_host.check(context.peer(), tenant)
         self._lease_owners.check_release(request.lease_id, tenant)
-        self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
+        gpu.release_any_lease(self._engine, request.lease_id)  # dict operations: no pool hop
         return pb.ReleaseLeaseResponse()
+
+    @_rpc
+    async def LeaseGpuChunks(self, request: pb.LeaseGpuChunksRequest, context: Any,
+                             tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        tier = gpu.gpu_tier_of(self._engine)
+        namespace = self._namespace(request, tenant)
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
+        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        ttl_s = gpu.lease_ttl_s(tier, request.ttl_ms)
+        run = await self._run(gpu.gpu_lease_run, self._engine, keys, ttl_s)
+        return pb.LeaseGpuChunksResponse(
+            lease_id=run.lease_id, ttl_ms=int(run.ttl_s * 1000), num_chunks_stored=run.num_stored,
+            extents=[pb.GpuChunkExtent(offset_bytes=e.offset, length_bytes=e.length,
+                                       device_checksum=e.checksum) for e in run.extents],
+            **gpu.slab_info(tier))
 
     # ------------------------------------------------------------ FetchBlocks
 

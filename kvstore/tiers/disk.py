@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvstore.codec.format import verify_object
+from kvstore.codec.format import CodecId, verify_object
 from kvstore.config import DiskTierConfig
 from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.keys import ChunkKey
@@ -229,6 +229,48 @@ class DiskTier:
                 info={"io": self._io.name, "path": self._root, "fsync": str(self._fsync).lower()},
             )
 
+    def object_bytes(self, key: ChunkKey) -> int | None:
+        """The size of ``key``'s object file, or None if the tier does not hold it."""
+        with self._lock:
+            return self._index.get(key)
+
+    def read_into(self, key: ChunkKey, out: memoryview, *, want_raw: bool = False) -> bool:
+        """Read ``key``'s object into ``out`` (exactly ``object_bytes(key)`` long), verified.
+
+        The GPU tier passes its pinned staging buffer, so the object reaches HBM with
+        one DMA. False (counted like ``get``'s misses) if absent, unreadable, corrupt,
+        of another size than ``out``, or not raw when ``want_raw``.
+        """
+        if self.object_bytes(key) != len(out):  # absent, or the caller's size is stale
+            self._count_miss()
+            return False
+        path = self.path_of(key)
+        try:
+            num_read, inode = self._io.read_into(path, out)
+        except FileNotFoundError:
+            self._forget_missing(key, path)
+            return False
+        except OSError as exc:
+            logger.warning("disk tier cannot read %s: %s", path, exc)
+            self._count_error()
+            return False
+        if num_read != len(out):  # replaced or truncated meanwhile: ``get`` sorts it out
+            self._count_miss()
+            return False
+        try:
+            header = verify_object(out)
+        except Corrupt as exc:
+            logger.warning("disk tier dropped corrupt object %s: %s", path, exc)
+            self._drop_corrupt(key, path, inode)
+            return False
+        if want_raw and header.codec_id != CodecId.RAW:
+            self._count_miss()
+            return False
+        with self._lock:
+            self._stats.hits += 1
+            self._stats.read_bytes += num_read
+        return True
+
     def close(self) -> None:
         """Nothing to release: every put is already on disk (and fsynced if configured)."""
 
@@ -315,6 +357,10 @@ class DiskTier:
             pass
         except OSError as exc:
             logger.warning("disk tier cannot remove %s: %s", path, exc)
+
+    def _count_miss(self) -> None:
+        with self._lock:
+            self._stats.misses += 1
 
     def _count_error(self) -> None:
         with self._lock:

@@ -8,8 +8,11 @@ runs the POSIX backend, and the kvikio one is tested on a GPU machine
 loads cupy or kvikio.
 
 Writes stay POSIX in both backends (temp file + fsync + rename is what makes them
-crash-safe); kvikio serves reads, and ``read_into_device`` lands an object in
-GPU memory without a bounce through pageable host memory.
+crash-safe); kvikio serves reads. ``read_into`` fills a caller's host buffer (the
+GPU tier's pinned staging buffer, so a chunk goes file -> pinned -> HBM with no
+pageable bounce and is verified in between); ``read_to_device`` picks how a file
+reaches device memory: kvikio straight into it (GDS, or kvikio's compat path) when
+the backend is kvikio, else a POSIX read into host staging and one H2D copy.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ class DiskIO(Protocol):
 
     def read(self, path: str) -> tuple[bytes, int]:
         """Whole file contents and its inode number."""
+        ...
+
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        """Read the file's first ``len(out)`` bytes into ``out``; (bytes read, inode)."""
         ...
 
 
@@ -52,6 +59,17 @@ class PosixIO:
             os.close(fd)
         return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_ino
 
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        with open(path, "rb", buffering=0) as fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            num_read = 0
+            while num_read < len(out):
+                got = fh.readinto(out[num_read:])
+                if not got:
+                    break  # shorter than expected: verification reports it truncated
+                num_read += got
+        return num_read, inode
+
 
 class KvikioIO:
     """kvikio.CuFile reads; host reads land in a pinned buffer, device reads in HBM."""
@@ -74,6 +92,14 @@ class KvikioIO:
         with self._kvikio.CuFile(path, "r") as fh:
             num_read = fh.read(buf)
         return bytes(memoryview(buf)[:num_read]), st.st_ino
+
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        import numpy as np
+
+        inode = os.stat(path).st_ino
+        with self._kvikio.CuFile(path, "r") as fh:
+            num_read = fh.read(np.frombuffer(out, dtype=np.uint8))
+        return int(num_read), inode
 
     def read_into_device(self, path: str, out: Any) -> int:
         """Read a whole file into a device buffer (cupy/torch CUDA array); bytes read."""
@@ -115,3 +141,29 @@ def select_io(mode: str) -> DiskIO:
         return PosixIO()
     logger.info("disk tier reads through %s", io.name)
     return io
+
+
+def device_read_mode(io: DiskIO) -> str:
+    """How ``read_to_device`` reaches device memory with this backend."""
+    return "kvikio-direct" if isinstance(io, KvikioIO) else "host-staged"
+
+
+def read_to_device(io: DiskIO, path: str, out: Any, staging: memoryview) -> int:
+    """Read a whole file into ``out`` (a 1-D uint8 device tensor or cupy array).
+
+    kvikio reads straight into it (GDS where the driver has it, else kvikio's own
+    compat path); any other backend reads into ``staging`` (pinned host memory,
+    at least the file's size) and copies host to device once. Unverified: callers
+    that need verified bytes read into host memory (``read_into``) and check there.
+
+    Returns:
+        Bytes read (the file's size unless it shrank meanwhile).
+    """
+    if isinstance(io, KvikioIO):
+        return io.read_into_device(path, out)
+    num_read, _ = io.read_into(path, staging)
+    import torch
+
+    host = torch.frombuffer(staging, dtype=torch.uint8)[:num_read]
+    torch.as_tensor(out)[:num_read].copy_(host, non_blocking=False)
+    return num_read

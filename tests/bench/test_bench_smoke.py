@@ -21,6 +21,8 @@ FAST = {
     "bench_redis.py": ["--smoke"],
     "bench_codec.py": ["--smoke"],
     "bench_codec_gpu.py": ["--smoke"],
+    "bench_gpu_io.py": ["--smoke"],
+    "bench_sparse_gpu.py": ["--smoke"],
     "bench_blob_parts.py": ["--smoke"],
     "bench_micro.py": ["--smoke"],
 }
