@@ -104,6 +104,7 @@ class ClientTally:
     wrong_bytes: int = 0
     resurrected: int = 0  # a chunk read back after its delete was acknowledged
     resurrected_examples: list = field(default_factory=list)
+    wrong_examples: list = field(default_factory=list)  # the first few wrong chunks read
     failed: Counter = field(default_factory=Counter)  # "op:ErrorType" not explained by a fault
     failed_examples: list = field(default_factory=list)
     unavailable_restart: int = 0  # calls failed while the daemon was down or restarting
@@ -148,7 +149,7 @@ class SoakClient:
         slot, epoch = self.slots[index], self.shared.epoch.value
         start = time.perf_counter()
         try:
-            getattr(self, "_" + op)(slot)
+            getattr(self, "_" + op)(slot, index)
         except Exception as exc:  # noqa: BLE001 - every failure is classified and counted
             self._failed(op, slot, exc, epoch)
             return
@@ -178,38 +179,42 @@ class SoakClient:
 
     # ------------------------------------------------------------ operations
 
-    def _put(self, slot: Slot) -> None:
+    def _put(self, slot: Slot, index: int) -> None:
         self.client.put(slot.tokens, slot.kv)
         slot.state, slot.acked_at = PRESENT, time.time()
 
-    def _delete(self, slot: Slot) -> None:
+    def _delete(self, slot: Slot, index: int) -> None:
         self.client.delete(slot.tokens)
         slot.state = ABSENT
 
-    def _lookup(self, slot: Slot) -> None:
+    def _lookup(self, slot: Slot, index: int) -> None:
         n = self.client.lookup(slot.tokens)
         self._count_coverage("lookup", slot, n // self.spec.chunk_tokens)
 
-    def _get(self, slot: Slot) -> None:
+    def _get(self, slot: Slot, index: int) -> None:
         out = self.client.get(slot.tokens, as_numpy=True)
         num = 0 if out is None else out.shape[3] // self.spec.chunk_tokens
         if num:
-            self._check(out, slot.digests, "get")
+            self._check(out, slot.digests, "get", index)
         self._count_coverage("get", slot, num)
 
-    def _get_layers(self, slot: Slot) -> None:
+    def _get_layers(self, slot: Slot, index: int) -> None:
         num = None
         for layer, arr in self.client.get_layers(slot.tokens, as_numpy=True):
-            self._check(arr[None], slot.layer_digests[layer], "get_layers")
+            self._check(arr[None], slot.layer_digests[layer], "get_layers", index)
             num = arr.shape[2] // self.spec.chunk_tokens
         self._count_coverage("get_layers", slot, num or 0)
 
-    def _check(self, out: np.ndarray, digests: list[int], op: str) -> None:
+    def _check(self, out: np.ndarray, digests: list[int], op: str, index: int) -> None:
         got = chunk_digests(out, self.spec.chunk_tokens)
         for i, digest in enumerate(got):
             if i >= len(digests) or digest != digests[i]:
                 self.tally.wrong_chunks[op] += 1
                 self.tally.wrong_bytes += out.nbytes // max(1, len(got))
+                if len(self.tally.wrong_examples) < 3:
+                    self.tally.wrong_examples.append(
+                        {"op": op, "chunk": i, "victim_slot": self.spec.is_victim(index),
+                         "at_wall_s": round(time.time(), 1)})
 
     def _count_coverage(self, op: str, slot: Slot, num_chunks: int) -> None:
         if slot.state == PRESENT and num_chunks < len(slot.digests):
@@ -224,24 +229,37 @@ class SoakClient:
 
     def verify(self) -> dict[str, Any]:
         """Re-read every PRESENT slot outside the victims; returns lost writes and their ages."""
-        now, lost_ages, checked, errors = time.time(), [], 0, 0
+        now, lost_ages, checked, errors = time.time(), [], 0, Counter()
         for index, slot in enumerate(self.slots):
             if slot.state != PRESENT or self.spec.is_victim(index):
                 continue
             checked += 1
             try:
-                out = self.client.get(slot.tokens, as_numpy=True)
-            except Exception:  # noqa: BLE001 - counted; the slot's fate is unknown
-                errors += 1
+                out = self._get_retrying(slot)
+            except Exception as exc:  # noqa: BLE001 - counted; the slot's fate is unknown
+                errors[type(exc).__name__] += 1
                 continue
             num = 0 if out is None else out.shape[3] // self.spec.chunk_tokens
             if num:
-                self._check(out, slot.digests, "verify")
+                self._check(out, slot.digests, "verify", index)
             if num < len(slot.digests):
                 lost_ages.append(now - slot.acked_at)
                 slot.state = UNKNOWN
-        return {"checked": checked, "lost": len(lost_ages), "errors": errors,
-                "lost_ages_s": sorted(lost_ages)[-5:]}
+        return {"checked": checked, "lost": len(lost_ages), "errors": sum(errors.values()),
+                "error_kinds": dict(errors), "lost_ages_s": sorted(lost_ages)[-5:]}
+
+    def _get_retrying(self, slot: Slot, attempts: int = 5) -> np.ndarray | None:
+        """A get that rides out the seconds after a restart (reconnecting, draining)."""
+        from kvstore.errors import Unavailable
+
+        for attempt in range(attempts):
+            try:
+                return self.client.get(slot.tokens, as_numpy=True)
+            except Unavailable:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.client.close()
@@ -265,6 +283,7 @@ def client_main(client_id: int, spec: SoakSpec, shared: Any) -> None:
             "misses": dict(tally.misses), "wrong_chunks": dict(tally.wrong_chunks),
             "wrong_bytes": tally.wrong_bytes, "resurrected": tally.resurrected,
             "resurrected_examples": tally.resurrected_examples,
+            "wrong_examples": tally.wrong_examples,
             "failed": dict(tally.failed), "failed_examples": tally.failed_examples,
             "unavailable_restart": tally.unavailable_restart,
             "refused_puts": tally.refused_puts}))

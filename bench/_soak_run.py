@@ -268,6 +268,7 @@ class SoakRun:
             for round_, result in self.messages[f"verify-{i}"].items():
                 kind = self.verify_kinds.get(round_, "?")
                 out[kind].update({k: result[k] for k in ("checked", "lost", "errors")})
+                out[kind].update({f"error:{k}": n for k, n in result["error_kinds"].items()})
                 ages[kind] += result["lost_ages_s"]
         for kind, a in ages.items():
             out[kind]["oldest_lost_age_s"] = round(max(a), 2) if a else None

@@ -43,6 +43,8 @@ def summarise(run: Any, elapsed_s: float, counters: dict[str, Any],
         "unavailable_while_daemon_restarting": sum(f["unavailable_restart"] for f in finals),
         "refused_puts": sum(f["refused_puts"] for f in finals),
         "misses": dict(misses), "wrong_chunks": dict(wrong_chunks), "wrong_bytes": wrong_bytes,
+        "wrong_examples": [dict(e, at_s=round(e.pop("at_wall_s") - run.started_wall, 1))
+                           for f in finals for e in f["wrong_examples"]][:6],
         "resurrected_after_delete": sum(f["resurrected"] for f in finals),
         "resurrected_examples": [dict(e, at_s=round(e.pop("at_wall_s") - run.started_wall, 1))
                                  for f in finals for e in f["resurrected_examples"]][:6],
