@@ -38,61 +38,67 @@ def victim_keys(spec: Any, num_clients: int) -> list[str]:
     return keys
 
 
+MODES = ("bit_flipped", "truncated", "swapped")  # what a corruption fault does to an object
+
+
 def _mutate(data: bytes, how: str, rng: random.Random) -> bytes:
-    if how == "truncate":
+    if how == "truncated":
         return data[: rng.randrange(len(data))]
     pos = rng.randrange(len(data))
     return data[:pos] + bytes([data[pos] ^ (1 << rng.randrange(8))]) + data[pos + 1:]
 
 
+def _plan(names: list, modes: tuple[str, ...], count: int) -> list[tuple[Any, str, Any]]:
+    """(target, how, source) for up to ``count`` targets; a swap copies a spare's object."""
+    targets, spares = names[:count], names[count:]
+    plan = []
+    for i, target in enumerate(targets):
+        how = modes[i % len(modes)]
+        if how == "swapped" and not spares:
+            how = "truncated"
+        plan.append((target, how, spares.pop() if how == "swapped" else None))
+    return plan
+
+
 def corrupt_disk_files(disk_dir: Path, keys: list[str], rng: random.Random,
-                       count: int = 12) -> dict[str, int]:
+                       modes: tuple[str, ...] = MODES, count: int = 12) -> dict[str, int]:
     """Flip a bit in, truncate, or copy another victim's valid file over victim files."""
     files = [p for k in keys if (p := disk_dir / k[:2] / f"{k}.kvc").exists()]
-    done = {"files_on_disk": len(files), "bit_flipped": 0, "truncated": 0, "swapped": 0}
+    done = {"files_on_disk": len(files), **{m: 0 for m in modes}}
     rng.shuffle(files)
-    for i, path in enumerate(files[:count]):
-        how = ("bit_flipped", "truncated", "swapped")[i % 3]
+    for path, how, source in _plan(files, modes, count):
         try:
-            if how == "swapped" and len(files) > count:
-                shutil.copyfile(files[-1 - i], path)  # a valid object of another chunk
+            if how == "swapped":
+                shutil.copyfile(source, path)  # a valid object of another chunk
             else:
-                how = "truncated" if how == "swapped" else how
-                path.write_bytes(_mutate(path.read_bytes(), how.split("_")[0], rng))
+                path.write_bytes(_mutate(path.read_bytes(), how, rng))
         except OSError:
             continue  # the daemon evicted or rewrote it meanwhile
-        done[how] += 1
+        done[how] = done.get(how, 0) + 1
     return done
 
 
 def corrupt_redis_values(cluster: RedisClusterProcs, keys: list[str], prefix: str,
-                         rng: random.Random, count: int = 12) -> dict[str, int]:
+                         rng: random.Random, modes: tuple[str, ...] = MODES,
+                         count: int = 12) -> dict[str, int]:
     """Flip a bit in, truncate, or swap victim values in the Redis Cluster."""
-    done = {"bit_flipped": 0, "truncated": 0, "swapped": 0, "absent": 0}
+    done = {"values_found": 0, **{m: 0 for m in modes}}
     seed = next(m for m in cluster.masters + cluster.replicas if m.is_running())
     rc = redis.RedisCluster(host="127.0.0.1", port=seed.port, socket_timeout=2)
     try:
-        chosen = rng.sample(keys, min(len(keys), count * 2))
         values = {}
-        for k in chosen:
+        for k in rng.sample(keys, min(len(keys), count * 3)):
             try:
-                v = rc.get(prefix + k)
+                if v := rc.get(prefix + k):
+                    values[k] = v
             except redis.RedisError:
-                v = None
-            if v:
-                values[k] = v
-            else:
-                done["absent"] += 1
-        names = list(values)
-        for i, k in enumerate(names[:count]):
-            how = ("bit_flipped", "truncated", "swapped")[i % 3]
-            other = names[-1 - i] if len(names) > count else None
-            new = values[other] if how == "swapped" and other else \
-                _mutate(values[k], "truncate" if how != "bit_flipped" else "bit", rng)
-            how = how if (how != "swapped" or other) else "truncated"
+                pass
+        done["values_found"] = len(values)
+        for key, how, source in _plan(list(values), modes, count):
+            new = values[source] if how == "swapped" else _mutate(values[key], how, rng)
             try:
-                rc.set(prefix + k, new)
-                done[how] += 1
+                rc.set(prefix + key, new)
+                done[how] = done.get(how, 0) + 1
             except redis.RedisError:
                 pass
     finally:

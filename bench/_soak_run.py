@@ -55,6 +55,9 @@ class SoakRun:
                  duration_s: float) -> None:
         self.ctx, self.workdir, self.args, self.duration_s = ctx, workdir, args, duration_s
         self.rng = random.Random(args.seed)
+        self.corrupt_modes = tuple(args.corrupt.split(","))
+        if not set(self.corrupt_modes) <= set(faults.MODES):
+            raise SystemExit(f"--corrupt takes some of {','.join(faults.MODES)}")
         self.disk_dir = workdir / "disk"
         self.is_tmpfs = mount_tmpfs(self.disk_dir, args.disk_mib * MiB * 5 // 4)
         self.factory = RedisFactory(workdir / "redis")
@@ -118,11 +121,11 @@ class SoakRun:
         hold_s = max(3.0, self.duration_s * 0.05)
         return [
             ("corrupt_disk_files", lambda: faults.corrupt_disk_files(
-                self.disk_dir, self._victims(), self.rng)),
+                self.disk_dir, self._victims(), self.rng, self.corrupt_modes)),
             ("kill_9_redis_master", lambda: faults.kill_master_with_replica(
                 self.cluster, 0, hold_s)),
             ("corrupt_redis_values", lambda: faults.corrupt_redis_values(
-                self.cluster, self._victims(), REDIS_PREFIX, self.rng)),
+                self.cluster, self._victims(), REDIS_PREFIX, self.rng, self.corrupt_modes)),
             ("kill_9_client_holding_leases", self._kill_leaser),
             ("disk_full", lambda: self._disk_full(hold_s)),
             ("kill_9_daemon", lambda: self._restart("kill_9")),

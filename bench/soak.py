@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--writeback-writers", type=int, default=4)
     p.add_argument("--flush-interval-s", type=float, default=1.0,
                    help="write-back phase's engine.flush_interval_s (1.0, the default)")
+    p.add_argument("--corrupt", default="bit_flipped,truncated,swapped",
+                   help="what the corruption faults do to disk files and Redis values: "
+                        "bit_flipped, truncated, swapped (another chunk's valid object)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep files here (default: a temp dir, removed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
