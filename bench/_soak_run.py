@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import _soak_faults as faults
-import numpy as np
 import psutil
 from _procs import (
     DaemonProcess,
@@ -25,6 +24,7 @@ from _procs import (
     unmount,
 )
 from _soak_client import SoakSpec, client_main
+from _soak_summary import summarise
 from _soak_writeback import run_writeback_phase
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,12 @@ class SoakRun:
         if not set(self.corrupt_modes) <= set(faults.MODES):
             raise SystemExit(f"--corrupt takes some of {','.join(faults.MODES)}")
         self.disk_dir = workdir / "disk"
-        self.is_tmpfs = mount_tmpfs(self.disk_dir, args.disk_mib * MiB * 5 // 4)
-        self.factory = RedisFactory(workdir / "redis")
-        self.cluster = start_cluster(self.factory, with_replicas=True)
+        self.is_tmpfs = False
+        self.factory = RedisFactory(workdir / "redis")  # cleanup kills what it started
+        self.cluster: Any = None
         address = f"127.0.0.1:{free_port()}"
         self.spec = dataclasses.replace(spec, address=address)
-        config = workdir / "soak.toml"
-        self._write_config(config, address)
-        self.daemon = DaemonProcess(config, address, workdir / "daemon.log")
+        self.daemon = DaemonProcess(workdir / "soak.toml", address, workdir / "daemon.log")
         self.shared = Shared.make(ctx)
         self.clients: list[Any] = []
         self.messages: dict[str, dict] = defaultdict(dict)  # kind -> client id -> payload
@@ -90,6 +88,9 @@ class SoakRun:
     # ------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
+        self.is_tmpfs = mount_tmpfs(self.disk_dir, self.args.disk_mib * MiB * 5 // 4)
+        self.cluster = start_cluster(self.factory, with_replicas=True)
+        self._write_config(self.daemon.config_file, self.spec.address)
         self.daemon.start()
         self.rss["start_mib"] = self._rss_mib()
         self._collector.start()
@@ -113,8 +114,6 @@ class SoakRun:
                                             self.args.writeback_writers,
                                             self.args.writeback_seconds,
                                             self.args.flush_interval_s)
-        from _soak_summary import summarise
-
         return summarise(self, elapsed_s, self.counters, writeback)
 
     def _schedule(self) -> list[tuple[str, Any]]:
@@ -296,10 +295,3 @@ def _progress(total_s: float, disabled: bool) -> Any:
 
     return tqdm(total=int(total_s), unit="s", desc="soak", file=None, dynamic_ncols=True)
 
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    arr = np.asarray(values)
-    return {"n": len(values), "p50_ms": round(float(np.percentile(arr, 50)), 2),
-            "p99_ms": round(float(np.percentile(arr, 99)), 2)}

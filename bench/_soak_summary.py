@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+import numpy as np
 from _soak_client import OPS
 
 
 def summarise(run: Any, elapsed_s: float, counters: dict[str, Any],
               writeback: dict[str, Any] | None) -> dict[str, Any]:
-    from _soak_run import percentiles
-
     finals = list(run.messages["final"].values())
     ops: Counter = Counter()
     latency: dict[str, list[float]] = defaultdict(list)
@@ -58,3 +57,11 @@ def summarise(run: Any, elapsed_s: float, counters: dict[str, Any],
         "config": {"cpu_mib": run.args.cpu_mib, "disk_mib": run.args.disk_mib,
                    "write_policy": "write-through", "redis": "3 masters + 3 replicas"},
     }
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    arr = np.asarray(values)
+    return {"n": len(values), "p50_ms": round(float(np.percentile(arr, 50)), 2),
+            "p99_ms": round(float(np.percentile(arr, 99)), 2)}
