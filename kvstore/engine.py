@@ -9,6 +9,16 @@ Whatever the policy, a chunk evicted from DRAM that the backing tier lacks is
 written there on eviction (DRAM's ``on_evict`` is wired to `Engine._demote`), so a
 chunk is lost only when the backing tier cannot hold it.
 
+Write-back keeps its promise (a put acknowledged at t is on the backing tier by
+t + ``flush_interval_s``) under load: the flusher writes dirty chunks oldest first as
+soon as they are dirty, and a put waits before it is stored while the backlog would
+take the flusher more than half the interval to write (its measured seconds per
+write times the dirty chunks) or the oldest dirty chunk is already that old. So a
+kill -9 loses at most the puts of the last interval, and puts slow to the disk's
+pace instead of outrunning it. Under ``write-through`` a put is acknowledged only
+once the backing tier holds it; a refusal (a full disk that eviction cannot make
+room on, an I/O error) fails the put with `CapacityExhausted`.
+
 Tiers named in ``write_through_tiers`` (the shared Redis tier) receive every put
 synchronously, whatever the policy; a slower tier is added by appending it to the
 tier list and, if it should receive puts, naming it there.
@@ -24,10 +34,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection, Sequence
 
+from kvstore.codec.format import verify_object
 from kvstore.config import Config, EngineConfig
-from kvstore.errors import CapacityExhausted, InvalidArgument, Unavailable
+from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import Tier, TierStats
 from kvstore.tiers.cpu import CpuTier
@@ -37,6 +49,10 @@ from kvstore.tiers.redis import RedisTier
 logger = logging.getLogger(__name__)
 
 _NUM_KEY_STRIPES = 64  # striped key locks: plenty for a thread pool of tens
+# Seconds per backing write assumed before the flusher has timed one: 100 writes/s
+# lets a fresh daemon take a burst of half an interval's worth before it knows better.
+_INITIAL_WRITE_S = 0.01
+_WRITE_S_WEIGHT = 0.2  # weight of the newest write in the moving average
 
 
 def _num_leading(present: Sequence[bool]) -> int:
@@ -76,10 +92,16 @@ class Engine:
         if config.write_policy == "write-through" and self._backing is not None:
             sync.add(self._backing.name)
         self._sync_names = frozenset(sync)
-        # Dirty = in DRAM, not yet written to the backing tier (write-back only).
-        # A dict keeps insertion order, so chunks are flushed oldest first.
-        self._dirty: dict[ChunkKey, None] = {}
+        # Dirty = in DRAM, not yet written to the backing tier (write-back only):
+        # key -> time.monotonic() of its put (None: not timed). A dict keeps insertion
+        # order, so chunks are flushed oldest first.
+        self._dirty: dict[ChunkKey, float | None] = {}
         self._dirty_lock = threading.Lock()
+        # Signalled when a chunk becomes dirty (wakes the flusher) or is flushed
+        # (wakes puts waiting for the backlog to shrink).
+        self._dirty_changed = threading.Condition(self._dirty_lock)
+        self._write_s = _INITIAL_WRITE_S  # moving average of seconds per backing write
+        self._num_put_waits = 0  # puts that waited for the flusher (write-back backpressure)
         self._key_locks = [threading.Lock() for _ in range(_NUM_KEY_STRIPES)]
         self._num_deletes = 0  # bumped by delete(); lets promotions detect a racing delete
         self._closed = False
@@ -131,6 +153,11 @@ class Engine:
     def dram(self) -> CpuTier:
         """The DRAM tier (its arena serves same-host clients' leases)."""
         return self._cpu
+
+    @property
+    def _is_write_through(self) -> bool:
+        backing = self._backing
+        return backing is not None and backing.name in self._sync_names
 
     @property
     def _is_write_back(self) -> bool:
@@ -211,22 +238,32 @@ class Engine:
     def put(self, key: ChunkKey, obj: bytes) -> bool:
         """Store ``obj`` under ``key`` according to the write policy.
 
+        Under write-back the call may wait first for the flusher (see the module
+        docstring); under write-through it returns only once the backing tier holds
+        the object.
+
         Returns:
             True if newly stored; False if some tier already held the key (objects
             are content-addressed, so it is not rewritten).
 
         Raises:
-            CapacityExhausted: every tier refused the object.
+            CapacityExhausted: every tier refused the object, or (write-through) the
+                backing tier did.
         """
         self._check_open()
         if self.contains(key):
             return False
+        self._wait_for_flusher()
+        self._check_open()
         in_dram = self._cpu.put(key, obj)
         num_stored = int(in_dram)
         for tier in self._tiers[1:]:
             # Too big for DRAM: the backing tier takes it now, whatever the policy.
             if tier.name in self._sync_names or (tier is self._backing and not in_dram):
-                num_stored += tier.put(key, obj)
+                is_stored = tier.put(key, obj)
+                if not is_stored and tier is self._backing and self._is_write_through:
+                    self._refuse_not_durable(key, obj)
+                num_stored += is_stored
         if num_stored == 0:
             capacities = ", ".join(f"{s.name}={s.capacity_bytes}" for s in self.stats())
             raise CapacityExhausted(
@@ -235,9 +272,43 @@ class Engine:
                 f"capacity_bytes, store smaller chunks, or check the daemon log"
             )
         if in_dram and self._is_write_back:
-            with self._dirty_lock:
-                self._dirty[key] = None
+            with self._dirty_changed:
+                self._dirty[key] = time.monotonic()
+                self._dirty_changed.notify_all()
         return True
+
+    def _refuse_not_durable(self, key: ChunkKey, obj: bytes) -> None:
+        """Write-through: the backing tier refused a put; undo DRAM's copy and fail it."""
+        with self._key_lock(key):
+            self._cpu.delete(key)
+        assert self._backing is not None
+        raise CapacityExhausted(
+            f"write-through: the {self._backing.name} tier did not store chunk "
+            f"{key.hex()[:16]}… of {len(obj)} bytes (full even after evicting, or an I/O "
+            f"error: see the daemon log); the put is not acknowledged"
+        )
+
+    def _wait_for_flusher(self) -> None:
+        """Write-back backpressure: wait while the dirty backlog would outlive its budget.
+
+        The budget is half of ``flush_interval_s``: the chunk about to be put joins the
+        end of the backlog, which the flusher writes oldest first at ``_write_s`` per
+        chunk; the other half of the interval absorbs error in that estimate.
+        """
+        if not self._is_write_back:
+            return
+        budget_s = self._config.flush_interval_s / 2
+        has_waited = False
+        with self._dirty_changed:
+            while not self._closed and self._dirty:
+                oldest = next(iter(self._dirty.values()))
+                is_fresh = oldest is None or time.monotonic() - oldest < budget_s
+                if is_fresh and (len(self._dirty) + 1) * self._write_s <= budget_s:
+                    return
+                if not has_waited:
+                    self._num_put_waits += 1
+                    has_waited = True
+                self._dirty_changed.wait(timeout=budget_s / 8)
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove ``key`` from every tier; True if any tier held it."""
@@ -254,12 +325,41 @@ class Engine:
         with self._dirty_lock:
             pending = list(self._dirty)
         for key in pending:
+            self._flush_one(key)
+
+    def _flush_one(self, key: ChunkKey) -> None:
+        """Write one dirty chunk to the backing tier (timed) and mark it clean."""
+        try:
             with self._key_lock(key):
                 obj = self._cpu.peek(key)
                 if obj is not None:
-                    self._write_backing(key, obj)
-                with self._dirty_lock:
-                    self._dirty.pop(key, None)
+                    started = time.monotonic()
+                    if self._write_backing(key, obj):
+                        elapsed = time.monotonic() - started
+                        self._write_s += _WRITE_S_WEIGHT * (elapsed - self._write_s)
+        finally:
+            with self._dirty_changed:
+                self._dirty.pop(key, None)
+                self._dirty_changed.notify_all()
+
+    def drop_corrupt(self, key: ChunkKey, obj: bytes) -> None:
+        """A caller found ``obj``, just read under ``key``, unusable: drop the bad copies.
+
+        A copy that fails its checksum can only have come from DRAM (every lower tier
+        verifies what it reads), so only DRAM's copy goes and a good disk or Redis
+        copy is read on the next get. A copy that passes its checksum but does not
+        decode is the same bytes in every tier (all came from one verified put): every
+        copy goes.
+        """
+        try:
+            verify_object(obj)
+        except Corrupt:
+            with self._key_lock(key):
+                self._cpu.delete(key)
+            logger.warning("dropped a corrupt DRAM copy of chunk %s; lower tiers keep theirs",
+                           key.hex()[:16])
+            return
+        self.delete(key)
 
     def _demote(self, key: ChunkKey, obj: bytes) -> None:
         """DRAM's on_evict: keep the chunk in the backing tier unless it is there already."""
@@ -271,21 +371,30 @@ class Engine:
             with self._dirty_lock:
                 self._dirty.pop(key, None)
 
-    def _write_backing(self, key: ChunkKey, obj: bytes) -> None:
+    def _write_backing(self, key: ChunkKey, obj: bytes) -> bool:
+        """Write to the backing tier unless it holds the key; True if it wrote now."""
         backing = self._backing
         if backing is None or backing.contains_many([key])[0]:
-            return
+            return False
         if not backing.put(key, obj):
             # The tier logged why (too big, I/O error); DRAM's copy is now the only one.
             logger.debug("%s tier refused chunk %s", backing.name, key.hex())
+            return False
+        return True
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self._config.flush_interval_s):
+        """Write dirty chunks oldest first as soon as there are any, until closed."""
+        while not self._stop.is_set():
+            with self._dirty_changed:
+                if not self._dirty:
+                    self._dirty_changed.wait(timeout=self._config.flush_interval_s)
+                    continue
+                key = next(iter(self._dirty))
             try:
-                self.flush()
+                self._flush_one(key)
             except Exception:
-                # Keep flushing later rounds; a tier bug must not end write-back silently.
-                logger.exception("write-back flush failed")
+                # Keep flushing; a tier bug must not end write-back silently.
+                logger.exception("write-back flush of chunk %s failed", key.hex()[:16])
 
     # -- bookkeeping --------------------------------------------------------------
 
@@ -301,10 +410,18 @@ class Engine:
             raise Unavailable("the storage engine is closed (daemon shutting down)")
 
     def stats(self) -> list[TierStats]:
-        """Per-tier stats, fastest first; DRAM's ``info["dirty"]`` counts unflushed chunks."""
+        """Per-tier stats, fastest first.
+
+        DRAM's ``info`` adds ``dirty`` (unflushed chunks), ``dirty_age_ms`` (how long
+        the oldest has waited) and ``put_waits`` (puts that waited for the flusher).
+        """
         all_stats = [tier.stats() for tier in self._tiers]
         with self._dirty_lock:
+            oldest = next(iter(self._dirty.values()), None)
             all_stats[0].info["dirty"] = str(len(self._dirty))
+            all_stats[0].info["put_waits"] = str(self._num_put_waits)
+        age_ms = 0 if oldest is None else round((time.monotonic() - oldest) * 1000)
+        all_stats[0].info["dirty_age_ms"] = str(age_ms)
         return all_stats
 
     def close(self) -> None:
@@ -314,6 +431,8 @@ class Engine:
                 return
             self._closed = True
         self._stop.set()
+        with self._dirty_changed:
+            self._dirty_changed.notify_all()  # wakes the flusher and any waiting put
         if self._flusher is not None:
             self._flusher.join()
         self.flush()
