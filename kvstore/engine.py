@@ -10,10 +10,11 @@ written there on eviction (DRAM's ``on_evict`` is wired to `Engine._demote`), so
 chunk is lost only when the backing tier cannot hold it.
 
 Write-back keeps its promise (a put acknowledged at t is on the backing tier by
-t + ``flush_interval_s``) under load: the flusher writes dirty chunks oldest first as
-soon as they are dirty, and a put waits before it is stored while the backlog would
-take the flusher more than half the interval to write (its measured seconds per
-write times the dirty chunks) or the oldest dirty chunk is already that old. So a
+t + ``flush_interval_s``) under load: the flusher writes dirty chunks oldest first,
+each a quarter interval after its put (a chunk deleted sooner never costs a disk
+write), and a put waits before it is stored while the backlog would take the
+flusher more than half the interval to write (its measured seconds per write times
+the dirty chunks) or the oldest dirty chunk is already that old. So a
 kill -9 loses at most the puts of the last interval, and puts slow to the disk's
 pace instead of outrunning it. Under ``write-through`` a put is acknowledged only
 once the backing tier holds it; a refusal (a full disk that eviction cannot make
@@ -49,10 +50,10 @@ from kvstore.tiers.redis import RedisTier
 logger = logging.getLogger(__name__)
 
 _NUM_KEY_STRIPES = 64  # striped key locks: plenty for a thread pool of tens
-# Seconds per backing write assumed before the flusher has timed one: 100 writes/s
-# lets a fresh daemon take a burst of half an interval's worth before it knows better.
-_INITIAL_WRITE_S = 0.01
-_WRITE_S_WEIGHT = 0.2  # weight of the newest write in the moving average
+# Seconds per backing write assumed before the flusher has timed one (a slow, fsyncing
+# disk): a fresh daemon admits a few chunks per interval until it knows better.
+_INITIAL_WRITE_S = 0.05
+_WRITE_S_WEIGHT = 0.2  # weight of a faster write in the moving average (slower: at once)
 
 
 def _num_leading(present: Sequence[bool]) -> int:
@@ -335,12 +336,20 @@ class Engine:
                 if obj is not None:
                     started = time.monotonic()
                     if self._write_backing(key, obj):
-                        elapsed = time.monotonic() - started
-                        self._write_s += _WRITE_S_WEIGHT * (elapsed - self._write_s)
+                        self._time_write(time.monotonic() - started)
         finally:
             with self._dirty_changed:
                 self._dirty.pop(key, None)
                 self._dirty_changed.notify_all()
+
+    def _time_write(self, elapsed_s: float) -> None:
+        """Fold one backing write's duration into ``_write_s``: a slower write is
+        believed at once (backpressure must not lag a slowing disk), a faster one
+        only gradually."""
+        if elapsed_s >= self._write_s:
+            self._write_s = elapsed_s
+        else:
+            self._write_s += _WRITE_S_WEIGHT * (elapsed_s - self._write_s)
 
     def drop_corrupt(self, key: ChunkKey, obj: bytes) -> None:
         """A caller found ``obj``, just read under ``key``, unusable: drop the bad copies.
@@ -383,13 +392,18 @@ class Engine:
         return True
 
     def _flush_loop(self) -> None:
-        """Write dirty chunks oldest first as soon as there are any, until closed."""
+        """Write dirty chunks oldest first, each once it is a quarter interval old."""
+        delay_s = self._config.flush_interval_s / 4
         while not self._stop.is_set():
             with self._dirty_changed:
                 if not self._dirty:
                     self._dirty_changed.wait(timeout=self._config.flush_interval_s)
                     continue
-                key = next(iter(self._dirty))
+                key, since = next(iter(self._dirty.items()))
+                wait_s = 0.0 if since is None else since + delay_s - time.monotonic()
+                if wait_s > 0:
+                    self._dirty_changed.wait(timeout=wait_s)
+                    continue
             try:
                 self._flush_one(key)
             except Exception:
