@@ -253,7 +253,8 @@ class DiskTier:
             try:
                 return self._write_temp(path, parts)
             except _WriteFailed as exc:
-                if exc.errno in _FULL_ERRNOS and self._evict_for_room(size, key):
+                if exc.errno in _FULL_ERRNOS and self._could_fit(size) and \
+                        self._evict_for_room(size, key):
                     continue
                 self._count_error()
                 self._write_failures.warning("disk tier cannot store %d bytes at %s: %s",
@@ -340,6 +341,17 @@ class DiskTier:
             self._unlink_quietly(self.path_of(victim))
             victims.append(victim)
         return victims
+
+    def _could_fit(self, num_bytes: int) -> bool:
+        """Whether evicting every object would leave room for ``num_bytes`` on the file
+        system: an object that can never fit must not empty the tier first."""
+        try:
+            fs = os.statvfs(self._root)
+        except OSError:
+            return True
+        with self._lock:
+            used_bytes = self._used_bytes
+        return num_bytes <= used_bytes + fs.f_bavail * fs.f_frsize
 
     def _evict_for_room(self, num_bytes: int, keep: ChunkKey) -> int:
         """Evict LRU objects (never ``keep``) worth at least ``num_bytes``; how many.
