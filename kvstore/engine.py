@@ -10,15 +10,16 @@ written there on eviction (DRAM's ``on_evict`` is wired to `Engine._demote`), so
 chunk is lost only when the backing tier cannot hold it.
 
 Write-back keeps its promise (a put acknowledged at t is on the backing tier by
-t + ``flush_interval_s``) under load: the flusher writes dirty chunks oldest first,
-each a quarter interval after its put (a chunk deleted sooner never costs a disk
-write), and a put waits before it is stored while the backlog would take the
-flusher more than half the interval to write (its measured seconds per write times
-the dirty chunks) or the oldest dirty chunk is already that old. So a
-kill -9 loses at most the puts of the last interval, and puts slow to the disk's
-pace instead of outrunning it. Under ``write-through`` a put is acknowledged only
-once the backing tier holds it; a refusal (a full disk that eviction cannot make
-room on, an I/O error) fails the put with `CapacityExhausted`.
+t + ``flush_interval_s``) under load: four flusher threads write dirty chunks oldest
+first, each a quarter interval after its put (at once while a put waits; a chunk
+deleted sooner never costs a disk write), and a put waits before it is stored
+while the backlog would take the flushers more than half the interval to write
+(dirty chunks times the measured seconds per write, over the flushers) or the
+oldest dirty chunk is already that old. So a kill -9 loses at most the puts of the
+last interval, and puts slow to the disk's pace instead of outrunning it. Under
+``write-through`` a put is acknowledged only once the backing tier holds it; a
+refusal (a full disk that eviction cannot make room on, an I/O error) fails the put
+with `CapacityExhausted`.
 
 Tiers named in ``write_through_tiers`` (the shared Redis tier) receive every put
 synchronously, whatever the policy; a slower tier is added by appending it to the
@@ -50,10 +51,15 @@ from kvstore.tiers.redis import RedisTier
 logger = logging.getLogger(__name__)
 
 _NUM_KEY_STRIPES = 64  # striped key locks: plenty for a thread pool of tens
+# Flusher threads: fsync'd writes overlap on a real device (write-through puts get
+# that for free from the server's I/O threads), so one flusher would cap write-back
+# below write-through.
+_NUM_FLUSHERS = 4
 # Seconds per backing write assumed before the flusher has timed one (a slow, fsyncing
 # disk): a fresh daemon admits a few chunks per interval until it knows better.
 _INITIAL_WRITE_S = 0.05
-_WRITE_S_WEIGHT = 0.2  # weight of a faster write in the moving average (slower: at once)
+_SLOWER_WEIGHT = 0.5  # weight of a write slower than the moving average
+_FASTER_WEIGHT = 0.2  # weight of a faster one
 
 
 def _num_leading(present: Sequence[bool]) -> int:
@@ -103,18 +109,20 @@ class Engine:
         self._dirty_changed = threading.Condition(self._dirty_lock)
         self._write_s = _INITIAL_WRITE_S  # moving average of seconds per backing write
         self._num_put_waits = 0  # puts that waited for the flusher (write-back backpressure)
+        self._num_waiting = 0  # puts waiting for the flusher right now
         self._key_locks = [threading.Lock() for _ in range(_NUM_KEY_STRIPES)]
         self._num_deletes = 0  # bumped by delete(); lets promotions detect a racing delete
         self._closed = False
         self._close_lock = threading.Lock()
         self._stop = threading.Event()
         self._cpu.on_evict = self._demote
-        self._flusher: threading.Thread | None = None
+        self._in_flush: set[ChunkKey] = set()  # dirty keys a flusher is writing now
+        self._flushers: list[threading.Thread] = []
         if self._is_write_back:
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name="kvstore-flusher", daemon=True
-            )
-            self._flusher.start()
+            self._flushers = [threading.Thread(target=self._flush_loop, name=f"kvstore-flusher-{i}",
+                                               daemon=True) for i in range(_NUM_FLUSHERS)]
+            for flusher in self._flushers:
+                flusher.start()
 
     @staticmethod
     def _check_tiers(
@@ -299,17 +307,26 @@ class Engine:
         if not self._is_write_back:
             return
         budget_s = self._config.flush_interval_s / 2
-        has_waited = False
         with self._dirty_changed:
-            while not self._closed and self._dirty:
-                oldest = next(iter(self._dirty.values()))
-                is_fresh = oldest is None or time.monotonic() - oldest < budget_s
-                if is_fresh and (len(self._dirty) + 1) * self._write_s <= budget_s:
-                    return
-                if not has_waited:
-                    self._num_put_waits += 1
-                    has_waited = True
-                self._dirty_changed.wait(timeout=budget_s / 8)
+            if self._has_room_locked(budget_s):
+                return
+            self._num_put_waits += 1
+            self._num_waiting += 1
+            self._dirty_changed.notify_all()  # the flusher stops delaying
+            try:
+                while not self._has_room_locked(budget_s):
+                    self._dirty_changed.wait(timeout=budget_s / 8)
+            finally:
+                self._num_waiting -= 1
+
+    def _has_room_locked(self, budget_s: float) -> bool:
+        """Whether one more dirty chunk would still be flushed within ``budget_s``."""
+        if self._closed or not self._dirty:
+            return True
+        oldest = next(iter(self._dirty.values()))
+        is_fresh = oldest is None or time.monotonic() - oldest < budget_s
+        drain_s = (len(self._dirty) + 1) * self._write_s / _NUM_FLUSHERS
+        return is_fresh and drain_s <= budget_s
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove ``key`` from every tier; True if any tier held it."""
@@ -340,16 +357,15 @@ class Engine:
         finally:
             with self._dirty_changed:
                 self._dirty.pop(key, None)
+                self._in_flush.discard(key)
                 self._dirty_changed.notify_all()
 
     def _time_write(self, elapsed_s: float) -> None:
-        """Fold one backing write's duration into ``_write_s``: a slower write is
-        believed at once (backpressure must not lag a slowing disk), a faster one
-        only gradually."""
-        if elapsed_s >= self._write_s:
-            self._write_s = elapsed_s
-        else:
-            self._write_s += _WRITE_S_WEIGHT * (elapsed_s - self._write_s)
+        """Fold one backing write's duration into ``_write_s``: a slower write moves it
+        halfway at once (backpressure must follow a slowing disk within a write or
+        two; the budget's other half absorbs the rest), a faster one gradually."""
+        weight = _SLOWER_WEIGHT if elapsed_s > self._write_s else _FASTER_WEIGHT
+        self._write_s += weight * (elapsed_s - self._write_s)
 
     def drop_corrupt(self, key: ChunkKey, obj: bytes) -> None:
         """A caller found ``obj``, just read under ``key``, unusable: drop the bad copies.
@@ -392,18 +408,22 @@ class Engine:
         return True
 
     def _flush_loop(self) -> None:
-        """Write dirty chunks oldest first, each once it is a quarter interval old."""
+        """Write dirty chunks oldest first, each once it is a quarter interval old
+        (at once while puts wait for room)."""
         delay_s = self._config.flush_interval_s / 4
         while not self._stop.is_set():
             with self._dirty_changed:
-                if not self._dirty:
+                item = next(((k, t) for k, t in self._dirty.items() if k not in self._in_flush),
+                            None)
+                if item is None:
                     self._dirty_changed.wait(timeout=self._config.flush_interval_s)
                     continue
-                key, since = next(iter(self._dirty.items()))
+                key, since = item
                 wait_s = 0.0 if since is None else since + delay_s - time.monotonic()
-                if wait_s > 0:
+                if wait_s > 0 and not self._num_waiting:
                     self._dirty_changed.wait(timeout=wait_s)
                     continue
+                self._in_flush.add(key)
             try:
                 self._flush_one(key)
             except Exception:
@@ -447,8 +467,8 @@ class Engine:
         self._stop.set()
         with self._dirty_changed:
             self._dirty_changed.notify_all()  # wakes the flusher and any waiting put
-        if self._flusher is not None:
-            self._flusher.join()
+        for flusher in self._flushers:
+            flusher.join()
         self.flush()
         for tier in self._tiers:
             tier.close()
