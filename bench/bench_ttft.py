@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import daemon, emit  # noqa: E402
 
 from kvstore import Client  # noqa: E402
-from kvstore.integrations.smollm2 import load_smollm2, sample_tokens  # noqa: E402
+from kvstore._progress import track  # noqa: E402
 from kvstore.integrations.transformers import layout_for, prefill  # noqa: E402
+from kvstore.models.smollm2 import load_smollm2, sample_tokens  # noqa: E402
 
 DEFAULT_PLOT = Path(__file__).resolve().parent / "ttft.png"
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             # Keys do not depend on the codec: one namespace per codec keeps them apart.
             with Client(address, f"bench-ttft-{codec}", layout, timeout_s=120,
                         codec=codec) as client:
-                for size in sizes:
+                for size in track(sizes, f"bench_ttft: {codec}"):
                     row = {
                         "context_tokens": size,
                         "dtype": args.dtype,

@@ -43,6 +43,7 @@ from kvstore.codec.format import verify_object
 from kvstore.config import Config, EngineConfig
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import ChunkKey
+from kvstore.quotas import TenantQuotas, TenantUsage
 from kvstore.tiers.base import Tier, TierStats
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.disk import DiskTier
@@ -78,9 +79,11 @@ class Engine:
         tiers: Sequence[Tier],
         *,
         write_through_tiers: Collection[str] = (),
+        quotas: TenantQuotas | None = None,
     ) -> None:
         """Args:
         config: write policy and flush interval.
+        quotas: per-tenant byte quotas; None = no tenant is limited.
         tiers: fastest first; ``tiers[0]`` must be a `CpuTier` whose ``on_evict`` is
             unset: the engine takes it over to demote evicted chunks.
         write_through_tiers: names of tiers below DRAM that get every put synchronously.
@@ -91,6 +94,7 @@ class Engine:
         self._check_tiers(config, tiers, write_through_tiers)
         self._config = config
         self._tiers: list[Tier] = list(tiers)
+        self._quotas = quotas
         cpu = tiers[0]
         assert isinstance(cpu, CpuTier)  # checked above
         self._cpu = cpu
@@ -156,12 +160,27 @@ class Engine:
             tiers.append(RedisTier(config.tiers.redis))
             if config.tiers.redis.write_through:
                 write_through.add("redis")
-        return cls(config.engine, tiers, write_through_tiers=write_through)
+        quotas = TenantQuotas(config.tenants)
+        return cls(config.engine, tiers, write_through_tiers=write_through, quotas=quotas)
 
     @property
     def dram(self) -> CpuTier:
         """The DRAM tier (its arena serves same-host clients' leases)."""
         return self._cpu
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        """The tiers, fastest first."""
+        return tuple(self._tiers)
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        """Bytes stored and quota figures per tenant ({} without quotas)."""
+        return {} if self._quotas is None else self._quotas.usage()
+
+    def _stored_mask(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which ``keys`` some tier holds (one contains_many per tier)."""
+        present = [tier.contains_many(keys) for tier in self._tiers]
+        return [any(column) for column in zip(*present, strict=True)] if keys else []
 
     @property
     def _is_write_through(self) -> bool:
@@ -244,24 +263,38 @@ class Engine:
 
     # -- writes -------------------------------------------------------------------
 
-    def put(self, key: ChunkKey, obj: bytes) -> bool:
+    def put(self, key: ChunkKey, obj: bytes, tenant: str | None = None) -> bool:
         """Store ``obj`` under ``key`` according to the write policy.
 
         Under write-back the call may wait first for the flusher (see the module
         docstring); under write-through it returns only once the backing tier holds
         the object.
 
+        Args:
+            tenant: whose object it is (its bytes count against that tenant's quota).
+
         Returns:
             True if newly stored; False if some tier already held the key (objects
             are content-addressed, so it is not rewritten).
 
         Raises:
-            CapacityExhausted: every tier refused the object, or (write-through) the
-                backing tier did.
+            CapacityExhausted: every tier refused the object, (write-through) the
+                backing tier did, or the tenant is over its quota and
+                ``tenants.over_quota`` refuses.
         """
         self._check_open()
         if self.contains(key):
             return False
+        if tenant is None or self._quotas is None:
+            return self._put_new(key, obj)
+        self._quotas.admit(tenant, key, len(obj), stored=self._stored_mask, delete=self.delete)
+        try:
+            return self._put_new(key, obj)
+        except BaseException:
+            self._quotas.forget(key)
+            raise
+
+    def _put_new(self, key: ChunkKey, obj: bytes) -> bool:
         self._wait_for_flusher()
         self._check_open()
         in_dram = self._cpu.put(key, obj)
@@ -336,6 +369,8 @@ class Engine:
                 self._num_deletes += 1
                 self._dirty.pop(key, None)
             found = [tier.delete(key) for tier in self._tiers]
+        if self._quotas is not None:
+            self._quotas.forget(key)
         return any(found)
 
     def flush(self) -> None:

@@ -32,25 +32,14 @@ from typing import Any
 import torch
 
 from kvstore.errors import InvalidArgument
-from kvstore.integrations._rope import check_layout
-from kvstore.layout import KVLayout
+from kvstore.models.arch import check_layout, layout_for
+from kvstore.models.cache import cache_from_kv, kv_from_cache
+from kvstore.models.dtypes import torch_dtype
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def layout_for(model: Any, dtype: str = "float16", chunk_tokens: int = 256) -> KVLayout:
-    """The KVLayout of ``model``'s cache, stored as ``dtype`` in chunks of ``chunk_tokens``."""
-    config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return KVLayout(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        chunk_tokens=chunk_tokens,
-    )
+__all__ = ["as_token_list", "cache_from_kv", "generate", "kv_from_cache", "layout_for",
+           "prefill", "store_new_chunks"]
 
 
 def as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
@@ -64,30 +53,6 @@ def as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
             )
         return [int(t) for t in input_ids.tolist()]
     return [int(t) for t in input_ids]
-
-
-def cache_from_kv(model: Any, kv: torch.Tensor) -> Any:
-    """A DynamicCache holding ``kv`` ([layers, 2, heads, tokens, dim]) in the model's dtype."""
-    from transformers import DynamicCache
-
-    param = next(model.parameters())
-    kv = kv.to(device=param.device, dtype=param.dtype)
-    cache = DynamicCache(config=model.config)
-    for i, layer in enumerate(cache.layers):
-        keys, values = kv[i, 0][None], kv[i, 1][None]  # [1, heads, tokens, dim] views
-        # Set the tensors directly: DynamicLayer.update would concatenate (copy) them.
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    return cache
-
-
-def kv_from_cache(cache: Any, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Tokens ``[start, stop)`` of a DynamicCache as ``[layers, 2, heads, n, dim]`` in ``dtype``."""
-    per_layer = [
-        torch.stack((layer.keys[0, :, start:stop], layer.values[0, :, start:stop]))
-        for layer in cache.layers
-    ]
-    return torch.stack(per_layer).to(device="cpu", dtype=dtype)
 
 
 def _load_prefix(model: Any, client: Any, ids: list[int]) -> tuple[Any, int, int]:
@@ -109,7 +74,7 @@ def store_new_chunks(client: Any, ids: list[int], cache: Any, num_stored: int) -
     num_full = len(ids) // chunk * chunk
     if num_full <= num_stored:
         return
-    dtype = _TORCH_DTYPES[client.layout.dtype]
+    dtype = torch_dtype(client.layout.dtype)
     kv = kv_from_cache(cache, 0, num_full, dtype)
     stored = client.put(ids[:num_full], kv)
     log.debug("stored %d prefix tokens (%d were already stored)", stored, num_stored)
