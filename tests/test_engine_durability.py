@@ -29,7 +29,10 @@ class LandingTier(FaultyTier):
         super().__init__(inner)
         self.landed: dict[ChunkKey, float] = {}
 
+    put_delay_s = 0.0  # extra seconds per put: writes slower than lookups
+
     def put(self, key: ChunkKey, obj: bytes) -> bool:
+        time.sleep(self.put_delay_s)
         is_stored = super().put(key, obj)
         if is_stored:
             self.landed.setdefault(key, time.monotonic())
@@ -61,7 +64,8 @@ def test_write_back_disk_lag_bounded_when_disk_slower_than_puts(tmp_path: Path,
     interval_s = 1.0
     disk = LandingTier(DiskTier(DiskTierConfig(path=str(tmp_path / "d"),
                                                capacity_bytes=1 << 30, fsync=False)))
-    disk.faults.delay_s = 0.01  # every disk call: a slow device, ~40 writes/s
+    disk.faults.delay_s = 0.01  # every disk call: a slow device...
+    disk.put_delay_s = 0.04  # ...whose writes take 5x its lookups: ~80 flushes/s
     engine = _engine(engines, disk, policy="write-back", interval_s=interval_s)
     acked: dict[ChunkKey, float] = {}
     lock = threading.Lock()
