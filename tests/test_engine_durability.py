@@ -47,6 +47,11 @@ def engines() -> Iterator[list[Engine]]:
         engine.close()
 
 
+def _disk(tmp_path: Path) -> FaultyTier:
+    return FaultyTier(DiskTier(DiskTierConfig(path=str(tmp_path / "d"), capacity_bytes=1 << 30,
+                                              fsync=False)))
+
+
 def _engine(engines: list[Engine], disk: FaultyTier, *, policy: str, interval_s: float = 1.0,
             dram_objects: int = 1024) -> Engine:
     cpu = CpuTier(CpuTierConfig(capacity_bytes=dram_objects * OBJ_BYTES))
@@ -91,8 +96,7 @@ def test_write_back_disk_lag_bounded_when_disk_slower_than_puts(tmp_path: Path,
 def test_write_through_put_fails_when_disk_refuses(tmp_path: Path,
                                                    engines: list[Engine]) -> None:
     # Issue #17 item 5: write-through never acknowledges a put the disk did not take.
-    disk = FaultyTier(DiskTier(DiskTierConfig(path=str(tmp_path / "d"),
-                                              capacity_bytes=1 << 30, fsync=False)))
+    disk = _disk(tmp_path)
     engine = _engine(engines, disk, policy="write-through")
     assert engine.put(make_key(0), make_object(seed=0))
     disk.faults.refuse_puts = True
@@ -122,8 +126,7 @@ def _corrupt_dram_copy(cpu: CpuTier, key: ChunkKey) -> None:
 def test_corrupt_dram_copy_dropped_but_disk_copy_kept(tmp_path: Path,
                                                       engines: list[Engine]) -> None:
     # Issue #17 item 7: a corrupt DRAM copy must not delete a good disk copy.
-    disk = FaultyTier(DiskTier(DiskTierConfig(path=str(tmp_path / "d"),
-                                              capacity_bytes=1 << 30, fsync=False)))
+    disk = _disk(tmp_path)
     engine = _engine(engines, disk, policy="write-through")
     key, obj = make_key(0), make_object(seed=0)
     assert engine.put(key, obj)
@@ -139,8 +142,7 @@ def test_corrupt_dram_copy_dropped_but_disk_copy_kept(tmp_path: Path,
 def test_undecodable_object_dropped_from_every_tier(tmp_path: Path,
                                                     engines: list[Engine]) -> None:
     # Bytes that pass their checksum but do not decode are bad in every copy.
-    disk = FaultyTier(DiskTier(DiskTierConfig(path=str(tmp_path / "d"),
-                                              capacity_bytes=1 << 30, fsync=False)))
+    disk = _disk(tmp_path)
     engine = _engine(engines, disk, policy="write-through")
     key, obj = make_key(0), make_object(seed=0)
     engine.put(key, obj)
