@@ -11,11 +11,11 @@ chunk is lost only when the backing tier cannot hold it.
 
 Write-back keeps its promise (a put acknowledged at t is on the backing tier by
 t + ``flush_interval_s``) under load: four flusher threads write dirty chunks oldest
-first, each a quarter interval after its put (at once while a put waits; a chunk
-deleted sooner never costs a disk write), and a put waits before it is stored
-while the backlog would take the flushers more than half the interval to write
-(dirty chunks times the measured seconds per write, over the flushers) or the
-oldest dirty chunk is already that old. So a kill -9 loses at most the puts of the
+first, each an eighth of the interval after its put (at once while a put waits; a
+chunk deleted sooner never costs a disk write), and a put waits before it is stored
+while that delay plus the time the flushers need for the backlog (dirty chunks times
+the measured seconds per write, over the flushers) would exceed half the interval,
+or the oldest dirty chunk is already that old. So a kill -9 loses at most the puts of the
 last interval, and puts slow to the disk's pace instead of outrunning it. Under
 ``write-through`` a put is acknowledged only once the backing tier holds it; a
 refusal (a full disk that eviction cannot make room on, an I/O error) fails the put
@@ -56,6 +56,9 @@ _NUM_KEY_STRIPES = 64  # striped key locks: plenty for a thread pool of tens
 # that for free from the server's I/O threads), so one flusher would cap write-back
 # below write-through.
 _NUM_FLUSHERS = 4
+# A dirty chunk waits this fraction of flush_interval_s before a flusher writes it
+# (unless puts are waiting for room): a chunk deleted sooner never costs a write.
+_FLUSH_DELAY = 1 / 8
 # Seconds per backing write assumed before the flusher has timed one (a slow, fsyncing
 # disk): a fresh daemon admits a few chunks per interval until it knows better.
 _INITIAL_WRITE_S = 0.05
@@ -334,8 +337,9 @@ class Engine:
         """Write-back backpressure: wait while the dirty backlog would outlive its budget.
 
         The budget is half of ``flush_interval_s``: the chunk about to be put joins the
-        end of the backlog, which the flusher writes oldest first at ``_write_s`` per
-        chunk; the other half of the interval absorbs error in that estimate.
+        end of the backlog, which the flushers start after the flush delay and write
+        oldest first at ``_write_s`` per chunk each; the other half of the interval
+        absorbs error in that estimate and the scheduling of threads.
         """
         if not self._is_write_back:
             return
@@ -358,8 +362,9 @@ class Engine:
             return True
         oldest = next(iter(self._dirty.values()))
         is_fresh = oldest is None or time.monotonic() - oldest < budget_s
+        delay_s = self._config.flush_interval_s * _FLUSH_DELAY  # before a flusher starts
         drain_s = (len(self._dirty) + 1) * self._write_s / _NUM_FLUSHERS
-        return is_fresh and drain_s <= budget_s
+        return is_fresh and delay_s + drain_s <= budget_s
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove ``key`` from every tier; True if any tier held it."""
@@ -443,9 +448,9 @@ class Engine:
         return True
 
     def _flush_loop(self) -> None:
-        """Write dirty chunks oldest first, each once it is a quarter interval old
-        (at once while puts wait for room)."""
-        delay_s = self._config.flush_interval_s / 4
+        """Write dirty chunks oldest first, each once it is an eighth of the interval
+        old (at once while puts wait for room)."""
+        delay_s = self._config.flush_interval_s * _FLUSH_DELAY
         while not self._stop.is_set():
             with self._dirty_changed:
                 item = next(((k, t) for k, t in self._dirty.items() if k not in self._in_flush),
