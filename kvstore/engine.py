@@ -9,6 +9,18 @@ Whatever the policy, a chunk evicted from DRAM that the backing tier lacks is
 written there on eviction (DRAM's ``on_evict`` is wired to `Engine._demote`), so a
 chunk is lost only when the backing tier cannot hold it.
 
+Write-back keeps its promise (a put acknowledged at t is on the backing tier by
+t + ``flush_interval_s``) under load: four flusher threads write dirty chunks oldest
+first, each an eighth of the interval after its put (at once while a put waits; a
+chunk deleted sooner never costs a disk write), and a put waits before it is stored
+while that delay plus the time the flushers need for the backlog (dirty chunks times
+the measured seconds per write, over the flushers) would exceed half the interval,
+or the oldest dirty chunk is already that old. So a kill -9 loses at most the puts of the
+last interval, and puts slow to the disk's pace instead of outrunning it. Under
+``write-through`` a put is acknowledged only once the backing tier holds it; a
+refusal (a full disk that eviction cannot make room on, an I/O error) fails the put
+with `CapacityExhausted`.
+
 Tiers named in ``write_through_tiers`` (the shared Redis tier) receive every put
 synchronously, whatever the policy; a slower tier is added by appending it to the
 tier list and, if it should receive puts, naming it there.
@@ -31,11 +43,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
+from kvstore.codec.format import verify_object
 from kvstore.config import Config, EngineConfig
-from kvstore.errors import CapacityExhausted, InvalidArgument, Unavailable
+from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import ChunkKey
 from kvstore.quotas import TenantQuotas, TenantUsage
 from kvstore.tiers.base import Tier, TierStats
@@ -49,6 +63,18 @@ logger = logging.getLogger(__name__)
 
 _NUM_KEY_STRIPES = 64  # striped key locks: plenty for a thread pool of tens
 _MAX_HIT_COUNTS = 1 << 16  # keys whose gets are counted toward GPU promotion (LRU)
+# Flusher threads: fsync'd writes overlap on a real device (write-through puts get
+# that for free from the server's I/O threads), so one flusher would cap write-back
+# below write-through.
+_NUM_FLUSHERS = 4
+# A dirty chunk waits this fraction of flush_interval_s before a flusher writes it
+# (unless puts are waiting for room): a chunk deleted sooner never costs a write.
+_FLUSH_DELAY = 1 / 8
+# Seconds per backing write assumed before the flusher has timed one (a slow, fsyncing
+# disk): a fresh daemon admits a few chunks per interval until it knows better.
+_INITIAL_WRITE_S = 0.05
+_SLOWER_WEIGHT = 0.5  # weight of a write slower than the moving average
+_FASTER_WEIGHT = 0.2  # weight of a faster one
 
 
 def _num_leading(present: Sequence[bool]) -> int:
@@ -93,10 +119,17 @@ class Engine:
         if config.write_policy == "write-through" and self._backing is not None:
             sync.add(self._backing.name)
         self._sync_names = frozenset(sync)
-        # Dirty = in DRAM, not yet written to the backing tier (write-back only).
-        # A dict keeps insertion order, so chunks are flushed oldest first.
-        self._dirty: dict[ChunkKey, None] = {}
+        # Dirty = in DRAM, not yet written to the backing tier (write-back only):
+        # key -> time.monotonic() of its put (None: not timed). A dict keeps insertion
+        # order, so chunks are flushed oldest first.
+        self._dirty: dict[ChunkKey, float | None] = {}
         self._dirty_lock = threading.Lock()
+        # Signalled when a chunk becomes dirty (wakes the flusher) or is flushed
+        # (wakes puts waiting for the backlog to shrink).
+        self._dirty_changed = threading.Condition(self._dirty_lock)
+        self._write_s = _INITIAL_WRITE_S  # moving average of seconds per backing write
+        self._num_put_waits = 0  # puts that waited for the flusher (write-back backpressure)
+        self._num_waiting = 0  # puts waiting for the flusher right now
         self._key_locks = [threading.Lock() for _ in range(_NUM_KEY_STRIPES)]
         self._num_deletes = 0  # bumped by delete(); lets promotions detect a racing delete
         self._closed = False
@@ -108,12 +141,13 @@ class Engine:
         self._gpu_hits_lock = threading.Lock()
         if gpu is not None:
             gpu.on_evict = self._demote_gpu
-        self._flusher: threading.Thread | None = None
+        self._in_flush: set[ChunkKey] = set()  # dirty keys a flusher is writing now
+        self._flushers: list[threading.Thread] = []
         if self._is_write_back:
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name="kvstore-flusher", daemon=True
-            )
-            self._flusher.start()
+            self._flushers = [threading.Thread(target=self._flush_loop, name=f"kvstore-flusher-{i}",
+                                               daemon=True) for i in range(_NUM_FLUSHERS)]
+            for flusher in self._flushers:
+                flusher.start()
 
     @staticmethod
     def _check_tiers(
@@ -178,6 +212,11 @@ class Engine:
         """Which ``keys`` some tier holds (one contains_many per tier)."""
         present = [tier.contains_many(keys) for tier in self._tiers]
         return [any(column) for column in zip(*present, strict=True)] if keys else []
+
+    @property
+    def _is_write_through(self) -> bool:
+        backing = self._backing
+        return backing is not None and backing.name in self._sync_names
 
     @property
     def _is_write_back(self) -> bool:
@@ -266,6 +305,10 @@ class Engine:
     def put(self, key: ChunkKey, obj: bytes, tenant: str | None = None) -> bool:
         """Store ``obj`` under ``key`` according to the write policy.
 
+        Under write-back the call may wait first for the flusher (see the module
+        docstring); under write-through it returns only once the backing tier holds
+        the object.
+
         Args:
             tenant: whose object it is (its bytes count against that tenant's quota).
 
@@ -274,8 +317,9 @@ class Engine:
             are content-addressed, so it is not rewritten).
 
         Raises:
-            CapacityExhausted: every tier refused the object, or the tenant is over
-                its quota and ``tenants.over_quota`` refuses.
+            CapacityExhausted: every tier refused the object, (write-through) the
+                backing tier did, or the tenant is over its quota and
+                ``tenants.over_quota`` refuses.
         """
         self._check_open()
         if self.contains(key):
@@ -290,12 +334,17 @@ class Engine:
             raise
 
     def _put_new(self, key: ChunkKey, obj: bytes) -> bool:
+        self._wait_for_flusher()
+        self._check_open()
         in_dram = self._cpu.put(key, obj)
         num_stored = int(in_dram)
         for tier in self._tiers[1:]:
             # Too big for DRAM: the backing tier takes it now, whatever the policy.
             if tier.name in self._sync_names or (tier is self._backing and not in_dram):
-                num_stored += tier.put(key, obj)
+                is_stored = tier.put(key, obj)
+                if not is_stored and tier is self._backing and self._is_write_through:
+                    self._refuse_not_durable(key, obj)
+                num_stored += is_stored
         if num_stored == 0:
             capacities = ", ".join(f"{s.name}={s.capacity_bytes}" for s in self.stats())
             raise CapacityExhausted(
@@ -304,11 +353,56 @@ class Engine:
                 f"capacity_bytes, store smaller chunks, or check the daemon log"
             )
         if in_dram and self._is_write_back:
-            with self._dirty_lock:
-                self._dirty[key] = None
+            with self._dirty_changed:
+                self._dirty[key] = time.monotonic()
+                self._dirty_changed.notify_all()
         if self._gpu is not None and self._gpu.promote_after_hits == 0:
             self._gpu.put(key, obj)  # a refusal (not raw, room leased) only costs speed
         return True
+
+    def _refuse_not_durable(self, key: ChunkKey, obj: bytes) -> None:
+        """Write-through: the backing tier refused a put; undo DRAM's copy and fail it."""
+        with self._key_lock(key):
+            self._cpu.delete(key)
+        assert self._backing is not None
+        raise CapacityExhausted(
+            f"write-through: the {self._backing.name} tier did not store chunk "
+            f"{key.hex()[:16]}… of {len(obj)} bytes (full even after evicting, or an I/O "
+            f"error: see the daemon log); the put is not acknowledged"
+        )
+
+    def _wait_for_flusher(self) -> None:
+        """Write-back backpressure: wait while the dirty backlog would outlive its budget.
+
+        The budget is half of ``flush_interval_s``: the chunk about to be put joins the
+        end of the backlog, which the flushers start after the flush delay and write
+        oldest first at ``_write_s`` per chunk each; the other half of the interval
+        absorbs error in that estimate and the scheduling of threads.
+        """
+        if not self._is_write_back:
+            return
+        budget_s = self._config.flush_interval_s / 2
+        with self._dirty_changed:
+            if self._has_room_locked(budget_s):
+                return
+            self._num_put_waits += 1
+            self._num_waiting += 1
+            self._dirty_changed.notify_all()  # the flusher stops delaying
+            try:
+                while not self._has_room_locked(budget_s):
+                    self._dirty_changed.wait(timeout=budget_s / 8)
+            finally:
+                self._num_waiting -= 1
+
+    def _has_room_locked(self, budget_s: float) -> bool:
+        """Whether one more dirty chunk would still be flushed within ``budget_s``."""
+        if self._closed or not self._dirty:
+            return True
+        oldest = next(iter(self._dirty.values()))
+        is_fresh = oldest is None or time.monotonic() - oldest < budget_s
+        delay_s = self._config.flush_interval_s * _FLUSH_DELAY  # before a flusher starts
+        drain_s = (len(self._dirty) + 1) * self._write_s / _NUM_FLUSHERS
+        return is_fresh and delay_s + drain_s <= budget_s
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove ``key`` from every tier; True if any tier held it."""
@@ -329,12 +423,48 @@ class Engine:
         with self._dirty_lock:
             pending = list(self._dirty)
         for key in pending:
+            self._flush_one(key)
+
+    def _flush_one(self, key: ChunkKey) -> None:
+        """Write one dirty chunk to the backing tier (timed) and mark it clean."""
+        try:
             with self._key_lock(key):
                 obj = self._cpu.peek(key)
                 if obj is not None:
-                    self._write_backing(key, obj)
-                with self._dirty_lock:
-                    self._dirty.pop(key, None)
+                    started = time.monotonic()
+                    if self._write_backing(key, obj):
+                        self._time_write(time.monotonic() - started)
+        finally:
+            with self._dirty_changed:
+                self._dirty.pop(key, None)
+                self._in_flush.discard(key)
+                self._dirty_changed.notify_all()
+
+    def _time_write(self, elapsed_s: float) -> None:
+        """Fold one backing write's duration into ``_write_s``: a slower write moves it
+        halfway at once (backpressure must follow a slowing disk within a write or
+        two; the budget's other half absorbs the rest), a faster one gradually."""
+        weight = _SLOWER_WEIGHT if elapsed_s > self._write_s else _FASTER_WEIGHT
+        self._write_s += weight * (elapsed_s - self._write_s)
+
+    def drop_corrupt(self, key: ChunkKey, obj: bytes) -> None:
+        """A caller found ``obj``, just read under ``key``, unusable: drop the bad copies.
+
+        A copy that fails its checksum can only have come from DRAM (every lower tier
+        verifies what it reads), so only DRAM's copy goes and a good disk or Redis
+        copy is read on the next get. A copy that passes its checksum but does not
+        decode is the same bytes in every tier (all came from one verified put): every
+        copy goes.
+        """
+        try:
+            verify_object(obj)
+        except Corrupt:
+            with self._key_lock(key):
+                self._cpu.delete(key)
+            logger.warning("dropped a corrupt DRAM copy of chunk %s; lower tiers keep theirs",
+                           key.hex()[:16])
+            return
+        self.delete(key)
 
     def _demote(self, key: ChunkKey, obj: bytes) -> None:
         """DRAM's on_evict: keep the chunk in the backing tier unless it is there already."""
@@ -346,21 +476,39 @@ class Engine:
             with self._dirty_lock:
                 self._dirty.pop(key, None)
 
-    def _write_backing(self, key: ChunkKey, obj: bytes) -> None:
+    def _write_backing(self, key: ChunkKey, obj: bytes) -> bool:
+        """Write to the backing tier unless it holds the key; True if it wrote now."""
         backing = self._backing
         if backing is None or backing.contains_many([key])[0]:
-            return
+            return False
         if not backing.put(key, obj):
             # The tier logged why (too big, I/O error); DRAM's copy is now the only one.
             logger.debug("%s tier refused chunk %s", backing.name, key.hex())
+            return False
+        return True
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(self._config.flush_interval_s):
+        """Write dirty chunks oldest first, each once it is an eighth of the interval
+        old (at once while puts wait for room)."""
+        delay_s = self._config.flush_interval_s * _FLUSH_DELAY
+        while not self._stop.is_set():
+            with self._dirty_changed:
+                item = next(((k, t) for k, t in self._dirty.items() if k not in self._in_flush),
+                            None)
+                if item is None:
+                    self._dirty_changed.wait(timeout=self._config.flush_interval_s)
+                    continue
+                key, since = item
+                wait_s = 0.0 if since is None else since + delay_s - time.monotonic()
+                if wait_s > 0 and not self._num_waiting:
+                    self._dirty_changed.wait(timeout=wait_s)
+                    continue
+                self._in_flush.add(key)
             try:
-                self.flush()
+                self._flush_one(key)
             except Exception:
-                # Keep flushing later rounds; a tier bug must not end write-back silently.
-                logger.exception("write-back flush failed")
+                # Keep flushing; a tier bug must not end write-back silently.
+                logger.exception("write-back flush of chunk %s failed", key.hex()[:16])
 
     # -- the GPU tier -----------------------------------------------------------------
 
@@ -424,8 +572,9 @@ class Engine:
         if not self._cpu.put(key, obj):
             self._write_backing(key, obj)  # DRAM full of leased bytes: straight to disk
         elif self._is_write_back:
-            with self._dirty_lock:
-                self._dirty[key] = None
+            with self._dirty_changed:
+                self._dirty[key] = time.monotonic()
+                self._dirty_changed.notify_all()
         assert self._gpu is not None
         if self._num_deletes != deletes_before and not self._gpu.contains_many([key])[0]:
             # Deleted meanwhile (delete hides a victim mid-eviction): undo the copies.
@@ -450,10 +599,19 @@ class Engine:
             raise Unavailable("the storage engine is closed (daemon shutting down)")
 
     def stats(self) -> list[TierStats]:
-        """Per-tier stats, fastest first; DRAM's ``info["dirty"]`` counts unflushed chunks."""
+        """Per-tier stats, fastest first.
+
+        DRAM's ``info`` adds ``dirty`` (unflushed chunks), ``dirty_age_ms`` (how long
+        the oldest has waited) and ``put_waits`` (puts that waited for the flusher).
+        """
         all_stats = [tier.stats() for tier in self._all_tiers()]
+        dram = all_stats[0 if self._gpu is None else 1]
         with self._dirty_lock:
-            all_stats[0 if self._gpu is None else 1].info["dirty"] = str(len(self._dirty))
+            oldest = next(iter(self._dirty.values()), None)
+            dram.info["dirty"] = str(len(self._dirty))
+            dram.info["put_waits"] = str(self._num_put_waits)
+        age_ms = 0 if oldest is None else round((time.monotonic() - oldest) * 1000)
+        dram.info["dirty_age_ms"] = str(age_ms)
         return all_stats
 
     def close(self) -> None:
@@ -463,8 +621,10 @@ class Engine:
                 return
             self._closed = True
         self._stop.set()
-        if self._flusher is not None:
-            self._flusher.join()
+        with self._dirty_changed:
+            self._dirty_changed.notify_all()  # wakes the flusher and any waiting put
+        for flusher in self._flushers:
+            flusher.join()
         self.flush()
         for tier in self._all_tiers():
             tier.close()

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Tier facts a tenant may see in Stats: configuration, not anyone's traffic.
+_TENANT_VISIBLE_INFO = frozenset({"io", "fsync", "hugepages", "mode", "state"})
 
 
 def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -259,7 +261,23 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     async def Stats(self, request: pb.StatsRequest, context: Any, tenant: str | None):
+        """Daemon-wide figures; with bearer tokens, only what no other tenant's use moves.
+
+        Occupancy, hit counts and request counts sum every tenant's traffic, so one
+        tenant would learn another's activity from them: a tenant sees each tier's name,
+        capacity and configuration facts only (the operator reads the daemon-wide
+        figures from the metrics endpoint).
+        """
         tiers = await self._run(self._engine.stats)
+        if tenant is not None:
+            return pb.StatsResponse(
+                tiers=[pb.TierStats(name=t.name, capacity_bytes=t.capacity_bytes,
+                                    info={k: str(v) for k, v in t.info.items()
+                                          if k in _TENANT_VISIBLE_INFO})
+                       for t in tiers],
+                uptime_ms=int(self._counters.uptime_s * 1000),
+                version=__version__,
+            )
         return pb.StatsResponse(
             tiers=[
                 pb.TierStats(
@@ -390,7 +408,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             except Corrupt as exc:
                 self._counters.count_corrupt_read()
                 log.warning("dropping stored blob %s: %s", key.hex()[:16], exc)
-                self._engine.delete(key)
+                self._engine.drop_corrupt(key, obj)
                 return None
 
         data = await self._run(load)

@@ -29,8 +29,13 @@ logger = logging.getLogger(__name__)
 class DiskIO(Protocol):
     name: str  # shown in stats: "posix", "kvikio-gds" or "kvikio-compat"
 
-    def read(self, path: str) -> tuple[bytes, int]:
-        """Whole file contents and its inode number."""
+    def read(self, path: str, tail_bytes: int = 0) -> tuple[bytes, bytes, int]:
+        """The file as (all but its last ``tail_bytes``, those last bytes, inode number).
+
+        The disk tier keeps a key record after each object (``tiers/record.py``); the
+        split is made by the reads themselves, so the object is never copied to cut
+        the record off. A file shorter than ``tail_bytes`` gives ``(b"", whole file)``.
+        """
         ...
 
     def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
@@ -43,21 +48,32 @@ class PosixIO:
 
     name = "posix"
 
-    def read(self, path: str) -> tuple[bytes, int]:
+    def read(self, path: str, tail_bytes: int = 0) -> tuple[bytes, bytes, int]:
         fd = os.open(path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
-            parts: list[bytes] = []
-            remaining = st.st_size
-            while remaining > 0:
-                part = os.read(fd, remaining)
-                if not part:
-                    break  # shorter than stat said: verification reports it truncated
-                parts.append(part)
-                remaining -= len(part)
+            head_bytes = max(0, st.st_size - tail_bytes)
+            head = _read_exactly(fd, head_bytes)
+            tail = _read_exactly(fd, st.st_size - head_bytes) if len(head) == head_bytes else b""
         finally:
             os.close(fd)
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_ino
+        return head, tail, st.st_ino
+
+
+def _read_exactly(fd: int, num_bytes: int) -> bytes:
+    """Up to ``num_bytes`` from ``fd``; fewer only if the file is shorter than stat said
+    (then verification reports it truncated)."""
+    parts: list[bytes] = []
+    remaining = num_bytes
+    while remaining > 0:
+        part = os.read(fd, remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    if len(parts) == 1:
+        return parts[0]  # one allocation, no extra copy
+    return b"".join(parts)
 
     def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
         with open(path, "rb", buffering=0) as fh:
@@ -86,12 +102,14 @@ class KvikioIO:
         is_compat = bool(compat) if isinstance(compat, bool) else str(compat).endswith("ON")
         self.name = "kvikio-compat" if is_compat else "kvikio-gds"
 
-    def read(self, path: str) -> tuple[bytes, int]:
+    def read(self, path: str, tail_bytes: int = 0) -> tuple[bytes, bytes, int]:
         st = os.stat(path)
         buf = self._cupyx.empty_pinned((st.st_size,), dtype="uint8")
         with self._kvikio.CuFile(path, "r") as fh:
             num_read = fh.read(buf)
-        return bytes(memoryview(buf)[:num_read]), st.st_ino
+        view = memoryview(buf)[:num_read]
+        head_bytes = max(0, num_read - tail_bytes)
+        return bytes(view[:head_bytes]), bytes(view[head_bytes:]), st.st_ino
 
     def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
         import numpy as np

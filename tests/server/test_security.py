@@ -282,8 +282,8 @@ def test_tenant_b_cannot_release_tenant_a_lease(two_tenants, layout):
     with pytest.raises(grpc.RpcError) as info:
         stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id), metadata=_md("tok-b"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    stats = stub.Stats(pb.StatsRequest(), metadata=_md("tok-a"))
-    assert next(t for t in stats.tiers if t.name == "cpu").info["leases"] == "1"
+    # Still held: its owner's release succeeds (an unknown lease would be NOT_FOUND).
+    # Tenants' Stats show no lease counts (daemon-wide figures, issue #17).
     stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id), metadata=_md("tok-a"))
 
 
