@@ -287,7 +287,8 @@ class DiskTier:
     def object_bytes(self, key: ChunkKey) -> int | None:
         """The size of ``key``'s object file, or None if the tier does not hold it."""
         with self._lock:
-            return self._index.get(key)
+            size = self._index.get(key)  # the file: the object, then its key record
+        return None if size is None else size - RECORD_BYTES
 
     def read_into(self, key: ChunkKey, out: memoryview, *, want_raw: bool = False) -> bool:
         """Read ``key``'s object into ``out`` (exactly ``object_bytes(key)`` long), verified.
@@ -313,6 +314,7 @@ class DiskTier:
             self._count_miss()
             return False
         try:
+            check_record(_read_tail(path, len(out)), key, out)
             header = verify_object(out)
         except Corrupt as exc:
             logger.warning("disk tier dropped corrupt object %s: %s", path, exc)
@@ -457,3 +459,12 @@ class DiskTier:
     def _count_error(self) -> None:
         with self._lock:
             self._stats.errors += 1
+
+
+def _read_tail(path: str, offset: int) -> bytes:
+    """The key record stored after an object of ``offset`` bytes (short if missing)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, RECORD_BYTES, offset)
+    finally:
+        os.close(fd)

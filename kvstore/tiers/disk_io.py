@@ -59,6 +59,17 @@ class PosixIO:
             os.close(fd)
         return head, tail, st.st_ino
 
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        with open(path, "rb", buffering=0) as fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            num_read = 0
+            while num_read < len(out):
+                got = fh.readinto(out[num_read:])
+                if not got:
+                    break  # shorter than expected: verification reports it truncated
+                num_read += got
+        return num_read, inode
+
 
 def _read_exactly(fd: int, num_bytes: int) -> bytes:
     """Up to ``num_bytes`` from ``fd``; fewer only if the file is shorter than stat said
@@ -74,17 +85,6 @@ def _read_exactly(fd: int, num_bytes: int) -> bytes:
     if len(parts) == 1:
         return parts[0]  # one allocation, no extra copy
     return b"".join(parts)
-
-    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
-        with open(path, "rb", buffering=0) as fh:
-            inode = os.fstat(fh.fileno()).st_ino
-            num_read = 0
-            while num_read < len(out):
-                got = fh.readinto(out[num_read:])
-                if not got:
-                    break  # shorter than expected: verification reports it truncated
-                num_read += got
-        return num_read, inode
 
 
 class KvikioIO:
