@@ -21,11 +21,9 @@ FAULTS = {"corrupt_disk_files", "kill_9_redis_master", "corrupt_redis_values",
           "kill_9_client_holding_leases", "disk_full", "kill_9_daemon",
           "kill_9_redis_master_without_replica", "graceful_restart"}
 RSS_GROWTH_BOUND_MIB = 128  # above the daemon's RSS at start (its arena is prefaulted)
-# "swapped" (another chunk's valid object copied over a victim's file or Redis value) is
-# left out until issue #17 item 1 (objects record their key; branch integrity) is merged:
-# today such an object is served as the other chunk, which the full soak counts as wrong
-# bytes (bench/README.md). Add it back then.
-CORRUPT = "bit_flipped,truncated"
+# Every corruption the soak knows, "swapped" included (another chunk's valid object
+# copied over a victim's file or Redis value: a key-record mismatch, so a miss).
+CORRUPT = "bit_flipped,truncated,swapped"
 
 
 @pytest.fixture(scope="module")
