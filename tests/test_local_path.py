@@ -159,9 +159,10 @@ def test_corrupt_arena_bytes_are_never_returned(client, layout, server):
     arena._view[extent.offset + extent.length - 7] ^= 0x10
     with pytest.raises(Corrupt):
         client(transport="arena").get(tokens, as_numpy=True)
-    back = client().get(tokens, as_numpy=True)  # falls back to Get, which drops chunk 1
+    # Falls back to Get, which drops DRAM's bad copy of chunk 1 and re-reads it from
+    # the disk when the flusher already wrote it there (else it stops after chunk 0).
+    back = client().get(tokens, as_numpy=True)
     assert back is None or np.array_equal(back, kv[:, :, :, : back.shape[3]])
-    assert back is None or back.shape[3] <= 16
 
 
 def test_tenants_get_streamed_path_unless_allowed(tmp_path, layout):
