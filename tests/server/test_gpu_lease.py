@@ -146,7 +146,7 @@ def test_gpu_lease_pins_until_released_or_expired(gpu_server, layout):
         other = make_tokens(16, seed=9)
         c.put(other, make_kv(layout, 16, seed=9))
         assert _lease(server.address, "m", layout, other).lease_id == 0  # no room: all pinned
-        c._release(0, resp.lease_id)
+        c._run(c._release(0, resp.lease_id))  # _release is a plan of the client core
         assert gpu.num_leases() == 0
         short = _lease(server.address, "m", layout, other, ttl_ms=200)
         assert short.ttl_ms == 200 and gpu.num_leases() == 1

@@ -178,6 +178,8 @@ def _every_rpc(stub: pb_grpc.KVStoreStub, layout: KVLayout, md) -> dict[str, obj
         "AttachArena": lambda: stub.AttachArena(pb.AttachArenaRequest(), metadata=md),
         "LeaseChunks": lambda: stub.LeaseChunks(pb.LeaseChunksRequest(
             namespace=ns, tokens_le_i32=tokens), metadata=md),
+        "LeaseGpuChunks": lambda: stub.LeaseGpuChunks(pb.LeaseGpuChunksRequest(
+            namespace=ns, tokens_le_i32=tokens), metadata=md),
         "ReleaseLease": lambda: stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=1),
                                                   metadata=md),
         "FetchBlocks": lambda: stub.FetchBlocks(pb.FetchBlocksRequest(
