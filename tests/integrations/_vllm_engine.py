@@ -88,6 +88,7 @@ def worker_main(pipe: Any, extra: dict[str, Any], strided: bool) -> None:
     connector = make_connector(extra, "WORKER")
     paged = make_paged(strided)
     connector.register_kv_caches(paged)
+    pipe.send("ready")
     tables: dict[str, list[int]] = {}
     while True:
         command, payload = pipe.recv()
@@ -166,6 +167,9 @@ class Engine:
                 os.environ.pop("PYTHONHASHSEED")
             else:
                 os.environ["PYTHONHASHSEED"] = saved
+        # Importing vLLM takes ~15 s of CPU, minutes on a loaded machine.
+        if not self._pipe.poll(900) or self._pipe.recv() != "ready":
+            raise TimeoutError("the worker process did not start")
         return self
 
     def __exit__(self, *exc: Any) -> None:
