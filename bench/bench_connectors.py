@@ -131,12 +131,19 @@ def _bench_lookup(address: str, num_calls: int) -> None:
     with Client(address, scheduler.namespace, scheduler.layout) as client:
         kv = torch.zeros(scheduler.layout.shape(2048), dtype=torch.float16)
         client.put(prompt, kv)
+    baseline = []  # the same Lookup straight through Client, in the same run
+    with Client(address, scheduler.namespace, scheduler.layout) as client:
+        for i in range(num_calls + 20):
+            start = time.perf_counter()
+            assert client.lookup(prompt) == 2048
+            if i >= 20:
+                baseline.append((time.perf_counter() - start) * 1000)
     samples = []
     for i in range(num_calls + 20):
         request = Request(f"r{i}", prompt, SamplingParams(max_tokens=1), None)
         start = time.perf_counter()
         while (answer := scheduler.get_num_new_matched_tokens(request, 0))[0] is None:
-            pass  # vLLM would ask again next step; here: at once
+            time.sleep(0.0005)  # vLLM would ask again next step
         elapsed = time.perf_counter() - start
         assert answer[0] == 2032, answer
         scheduler.request_finished(request, [])
@@ -145,7 +152,9 @@ def _bench_lookup(address: str, num_calls: int) -> None:
     scheduler.shutdown()
     emit("connectors", "lookup", calls=num_calls, prompt_tokens=2048,
          p50_ms=round(float(np.percentile(samples, 50)), 3),
-         p99_ms=round(float(np.percentile(samples, 99)), 3))
+         p99_ms=round(float(np.percentile(samples, 99)), 3),
+         client_lookup_p50_ms=round(float(np.percentile(baseline, 50)), 3),
+         client_lookup_p99_ms=round(float(np.percentile(baseline, 99)), 3))
 
 
 def _bench_gpu(address: str, repeat: int) -> None:

@@ -23,6 +23,7 @@ FAST = {
     "bench_codec_gpu.py": ["--smoke"],
     "bench_blob_parts.py": ["--smoke"],
     "bench_micro.py": ["--smoke"],
+    "bench_connectors.py": ["--smoke"],
 }
 WITH_MODEL = {
     "bench_ttft.py": ["--sizes", "256", "--repeat", "1", "--chunk-tokens", "128", "--no-plot",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
+from signal import SIGCONT, SIGKILL
 from typing import Any
 
 
@@ -43,7 +43,7 @@ class DaemonProcess:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
-    def stop(self, sig: int = signal.SIGKILL) -> None:
-        self.signal(signal.SIGCONT)
+    def stop(self, sig: int = SIGKILL) -> None:
+        self.signal(SIGCONT)
         self.signal(sig)
         self.proc.wait(timeout=60)
