@@ -60,7 +60,7 @@ class SaveSpec:
 @dataclass(slots=True)
 class _Load:
     spec: LoadSpec
-    slots: Slots
+    slots: Slots | None  # None when the plan did not fit the blocks (failed at once)
     events: list[threading.Event]  # one per layer: set once the layer is written (or failed)
     lock: threading.Lock = field(default_factory=threading.Lock)  # scatter vs cancel
     first_bad: int | None = None  # first token not loaded; None while all is well
@@ -107,13 +107,24 @@ class Worker:
         self._deadline = time.monotonic() + self.timeout_s
         device = self._paged[0].device if self._paged else "cpu"
         for spec in loads:
-            load = _Load(spec, slots_of(spec.block_ids, self.block_size, spec.start, spec.end,
-                                        device),
-                         [threading.Event() for _ in self._layer_names])
-            load.future = self._loader.submit(self._run_load, load)
+            events = [threading.Event() for _ in self._layer_names]
+            try:
+                slots = slots_of(spec.block_ids, self.block_size, spec.start, spec.end, device)
+            except Exception as exc:  # a plan that does not fit the blocks: never crash a step
+                load = _Load(spec, None, events)
+                self._fail(load, spec.start, repr(exc))
+                for event in events:
+                    event.set()
+            else:
+                load = _Load(spec, slots, events)
+                load.future = self._loader.submit(self._run_load, load)
             self._loads.append(load)
         for spec in saves:
-            slots = slots_of(spec.block_ids, self.block_size, 0, len(spec.tokens), device)
+            try:
+                slots = slots_of(spec.block_ids, self.block_size, 0, len(spec.tokens), device)
+            except Exception as exc:
+                log.warning("kvstore save of request %s skipped: %s", spec.req_id, exc)
+                continue
             staging = torch.empty(self.layout.shape(len(spec.tokens)),
                                   dtype=TORCH_DTYPES[self.layout.dtype])
             self._saves.append(_Save(spec, slots, staging))
@@ -181,7 +192,8 @@ class Worker:
         failed = set()
         for load in self._loads:
             try:
-                load.future.result(timeout=max(0.0, self._deadline - time.monotonic()))
+                if load.future is not None:
+                    load.future.result(timeout=max(0.0, self._deadline - time.monotonic()))
             except Exception:  # the loader caught its own errors: this is the timeout
                 with load.lock:
                     self._fail(load, load.spec.start, "timed out")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-NUM_LAYERS, NUM_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 16, 16, 96
+NUM_LAYERS, NUM_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 16, 16, 128
 LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(NUM_LAYERS)]
 
 
@@ -209,6 +209,7 @@ class Engine:
             time.sleep(0.002)  # vLLM schedules other requests meanwhile
         assert num_external is not None and not is_async
         num_blocks = -(-len(prompt) // BLOCK_SIZE)
+        assert num_blocks <= len(self.free_blocks), "the test's block pool is too small"
         block_ids, self.free_blocks = self.free_blocks[:num_blocks], \
             self.free_blocks[num_blocks:]
         self.connector.update_state_after_alloc(
@@ -224,6 +225,7 @@ class Engine:
             self.step(self._resumed(request, rewind, len(prompt) - rewind))
             result.num_steps += 1
         self.connector.request_finished(request, block_ids)
+        self.free_blocks += block_ids  # reused last: tests read a request's blocks right after
         return result
 
     def _output(self, request: Any, block_ids: list[int], num_tokens: int) -> Any:
