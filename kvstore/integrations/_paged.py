@@ -90,7 +90,10 @@ def scatter_layer(paged: torch.Tensor, kv: torch.Tensor, slots: Slots) -> None:
 
 
 def gather_layer(paged: torch.Tensor, slots: Slots, out: torch.Tensor) -> None:
-    """Copy tokens ``[slots.start, slots.end)`` out of the blocks into ``out`` ([2, heads, n, dim])."""
+    """Copy tokens ``[slots.start, slots.end)`` out of the blocks into ``out``.
+
+    ``out`` is ``[2, heads, end - start, dim]``.
+    """
     heads, dim, bs = out.shape[1], out.shape[-1], slots.block_size
     num_whole, split = len(slots.whole_blocks), len(slots.whole_blocks) * bs
     if num_whole:

@@ -140,7 +140,7 @@ class Worker:
                     if load.first_bad is not None:
                         return  # cancelled by a timeout: the blocks belong to vLLM again
                     if num_got < spec.end:
-                        self._fail(load, num_got, "only %d tokens stored" % num_got)
+                        self._fail(load, num_got, f"only {num_got} tokens stored")
                         return
                     scatter_layer(self._paged[layer], kv, load.slots)
                 load.events[layer].set()

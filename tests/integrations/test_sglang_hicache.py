@@ -53,9 +53,9 @@ except ImportError as exc:  # pragma: no cover - depends on the [engines] extra
     pytest.skip(f"sglang is not importable ({exc}); pip install -e '.[engines]' and "
                 "sglang --no-deps (README)", allow_module_level=True)
 
-from kvstore.integrations.sglang import KVStoreHiCache
-from tests.integrations._daemon import DaemonProcess
-from tests.test_daemon_process import _free_port
+from kvstore.integrations.sglang import KVStoreHiCache  # noqa: E402 - after the engine import guard
+from tests.integrations._daemon import DaemonProcess  # noqa: E402 - after the engine import guard
+from tests.test_daemon_process import _free_port  # noqa: E402 - after the engine import guard
 
 LAYERS, HEADS, DIM, PAGE, DEVICE_TOKENS = 3, 2, 16, 8, 64
 

@@ -28,13 +28,13 @@ except ImportError as exc:  # pragma: no cover - depends on the [engines] extra
 from kvstore.client import Client
 from kvstore.integrations.vllm import KVStoreConnector
 from kvstore.keys import Namespace, prefix_keys
+from tests.integrations._daemon import DaemonProcess
 from tests.integrations._vllm_engine import (
     BLOCK_SIZE,
     Engine,
     expected_kv,
     make_connector,
 )
-from tests.integrations._daemon import DaemonProcess
 from tests.test_daemon_process import _free_port
 
 CHUNK = 32
