@@ -65,10 +65,14 @@ def _paged(layout: KVLayout, num_blocks: int, device: str) -> dict[str, torch.Te
             for i in range(layout.num_layers)}
 
 
+def _namespace(layout: KVLayout) -> str:
+    return f"bench-connectors-{layout.num_layers}x{layout.num_kv_heads}x{layout.head_dim}"
+
+
 def _worker(address: str, layout: KVLayout, paged: dict[str, torch.Tensor]) -> Worker:
     names = list(paged)
     worker = Worker(layout, names, BLOCK_SIZE,
-                    lambda: Client(address, "bench-connectors", layout, timeout_s=120), 120.0)
+                    lambda: Client(address, _namespace(layout), layout, timeout_s=120), 120.0)
     worker.register(paged)
     return worker
 
@@ -89,7 +93,7 @@ def _bench_load(address: str, name: str, layout: KVLayout, num_tokens: int,
     num_blocks = num_tokens // BLOCK_SIZE + 1
     block_ids = [int(b) for b in np.random.default_rng(0).permutation(num_blocks)[:-1]]
     spec = LoadSpec("r", tokens, block_ids, 0, num_tokens)
-    with Client(address, "bench-connectors", layout, timeout_s=120) as client:
+    with Client(address, _namespace(layout), layout, timeout_s=120) as client:
         client.put(tokens, kv)
         dst = torch.empty_like(kv)
         paged = _paged(layout, num_blocks, "cpu")
@@ -172,7 +176,7 @@ def _bench_gpu(address: str, repeat: int) -> None:
         t.normal_()
     worker = _worker(address, layout, paged)
     gb = layout.chunk_bytes * (num_tokens // CHUNK_TOKENS) / 1e9
-    with Client(address, "bench-connectors", layout, timeout_s=120) as client:
+    with Client(address, _namespace(layout), layout, timeout_s=120) as client:
         def save() -> None:
             client.delete(tokens)
             worker.start_step([], [SaveSpec("s", tokens, block_ids)])
