@@ -192,8 +192,11 @@ class KVStoreConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def get_num_new_matched_tokens(self, request: Request,
-                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+    def on_new_request(self, request: Request) -> None:
+        """Start the lookup as the request arrives, so it is done when it is scheduled."""
+        self._start_lookup(request)
+
+    def _start_lookup(self, request: Request) -> tuple[_Tracked, Future[int]]:
         rid = request.request_id
         tracked = self._requests.get(rid)
         if tracked is None:
@@ -202,6 +205,12 @@ class KVStoreConnector(KVConnectorBase_V1):
         future = self._lookups.get(rid)
         if future is None:
             future = self._lookups[rid] = self._lookup_pool.submit(self._lookup, tracked.prompt)
+        return tracked, future
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        rid = request.request_id
+        tracked, future = self._start_lookup(request)
         try:
             tracked.num_stored = future.result(timeout=self._lookup_wait_s)
         except FutureTimeout:

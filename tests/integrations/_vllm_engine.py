@@ -201,6 +201,7 @@ class Engine:
         from vllm.v1.request import Request
 
         request = Request(req_id, prompt, SamplingParams(max_tokens=1), None)
+        self.connector.on_new_request(request)  # Scheduler.add_request
         deadline = time.monotonic() + 30
         while True:
             num_external, is_async = self.connector.get_num_new_matched_tokens(request, 0)
