@@ -26,6 +26,7 @@ FAST = {
     "bench_blob_parts.py": ["--smoke"],
     "bench_micro.py": ["--smoke"],
     "bench_durability.py": ["--smoke"],
+    "bench_connectors.py": ["--smoke"],
 }
 WITH_MODEL = {
     "bench_ttft.py": ["--sizes", "256", "--repeat", "1", "--chunk-tokens", "128", "--no-plot",

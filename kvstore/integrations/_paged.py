@@ -1,0 +1,107 @@
+"""Copies between kvstore's canonical KV and an engine's paged KV blocks (no engine import).
+
+vLLM hands each attention layer's KV as ``[num_blocks, kv_heads, block_size, C]``
+with ``C = head_size + head_size_v`` (K in the first ``head_size`` channels, V in
+the rest); token ``t`` of a request lives in block ``block_ids[t // block_size]``
+at offset ``t % block_size``. The strides depend on the attention backend (the
+CPU backend's view is contiguous, GPU backends put tokens outside heads), so
+every copy here goes through torch indexing, which follows the strides it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.errors import InvalidArgument
+
+# kvstore layout dtype name <-> torch dtype, for the engine connectors.
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """Where tokens ``[start, end)`` of one request sit in the paged KV.
+
+    Whole blocks from ``start`` are copied a block at a time (one index per block);
+    the tokens of a last partial block, or all of them when ``start`` is not
+    block-aligned, one token at a time.
+    """
+
+    start: int  # first token (inclusive)
+    end: int  # last token (exclusive)
+    block_size: int
+    whole_blocks: torch.Tensor  # [w] int64: blocks holding tokens [start, start + w * bs)
+    tail_blocks: torch.Tensor  # [r] int64: block of each remaining token
+    tail_offsets: torch.Tensor  # [r] int64: its offset inside the block
+
+    @property
+    def tail_start(self) -> int:
+        return self.start + len(self.whole_blocks) * self.block_size
+
+
+def slots_of(block_ids: Sequence[int], block_size: int, start: int, end: int,
+             device: torch.device | str = "cpu") -> Slots:
+    """The blocks and offsets of tokens ``[start, end)`` given the request's block table."""
+    needed = -(-end // block_size)
+    if not 0 <= start <= end or needed > len(block_ids):
+        raise InvalidArgument(f"tokens [{start}, {end}) need {needed} blocks of {block_size}, "
+                              f"the request has {len(block_ids)}")
+    table = torch.as_tensor(list(block_ids[:needed]), dtype=torch.int64)
+    num_whole = (end - start) // block_size if start % block_size == 0 else 0
+    first = start // block_size
+    tail = torch.arange(start + num_whole * block_size, end, dtype=torch.int64)
+    return Slots(start, end, block_size, table[first:first + num_whole].to(device),
+                 table[tail // block_size].to(device), (tail % block_size).to(device))
+
+
+def check_paged(paged: torch.Tensor, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+    """Raise unless ``paged`` is ``[blocks, heads, block_size, 2 * head_dim]``."""
+    shape = tuple(paged.shape)
+    if len(shape) != 4 or shape[1:] != (num_kv_heads, block_size, 2 * head_dim):
+        raise InvalidArgument(
+            f"paged KV is {shape}, expected [num_blocks, {num_kv_heads}, {block_size}, "
+            f"{2 * head_dim}] (heads, block size, K and V head sizes of the KV cache spec)")
+
+
+def scatter_layer(paged: torch.Tensor, kv: torch.Tensor, slots: Slots) -> None:
+    """Write tokens ``[slots.start, slots.end)`` of ``kv`` ([2, heads, n, dim]) into blocks.
+
+    ``kv`` holds tokens from 0 (a stored prefix), so only its tail from
+    ``slots.start`` is written; earlier tokens are the engine's own prefix-cache hit.
+    """
+    heads, dim, bs = kv.shape[1], kv.shape[-1], slots.block_size
+    kv = kv.to(device=paged.device, non_blocking=True)
+    num_whole = len(slots.whole_blocks)
+    if num_whole:
+        # [2, heads, w * bs, dim] -> [2, w, heads, bs, dim]: one row per block
+        src = kv[:, :, slots.start:slots.tail_start].reshape(2, heads, num_whole, bs, dim)
+        src = src.transpose(1, 2)
+        paged[..., :dim].index_copy_(0, slots.whole_blocks, src[0])
+        paged[..., dim:].index_copy_(0, slots.whole_blocks, src[1])
+    if len(slots.tail_blocks):
+        # paged[blocks, :, offsets] is [r, heads, C]: advanced indices first, then the heads.
+        tail = kv[:, :, slots.tail_start:slots.end].transpose(1, 2)  # [2, r, heads, dim]
+        paged[slots.tail_blocks, :, slots.tail_offsets, :dim] = tail[0]
+        paged[slots.tail_blocks, :, slots.tail_offsets, dim:] = tail[1]
+
+
+def gather_layer(paged: torch.Tensor, slots: Slots, out: torch.Tensor) -> None:
+    """Copy tokens ``[slots.start, slots.end)`` out of the blocks into ``out``.
+
+    ``out`` is ``[2, heads, end - start, dim]``.
+    """
+    heads, dim, bs = out.shape[1], out.shape[-1], slots.block_size
+    num_whole, split = len(slots.whole_blocks), len(slots.whole_blocks) * bs
+    if num_whole:
+        rows = paged.index_select(0, slots.whole_blocks)  # [w, heads, bs, C], gathered
+        rows = rows.transpose(0, 1).reshape(heads, split, 2 * dim)
+        out[0, :, :split].copy_(rows[..., :dim], non_blocking=True)
+        out[1, :, :split].copy_(rows[..., dim:], non_blocking=True)
+    if len(slots.tail_blocks):
+        rows = paged[slots.tail_blocks, :, slots.tail_offsets].transpose(0, 1)  # [heads, r, C]
+        out[0, :, split:].copy_(rows[..., :dim], non_blocking=True)
+        out[1, :, split:].copy_(rows[..., dim:], non_blocking=True)
