@@ -23,13 +23,14 @@ processes of the daemon's user can open it.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import mmap
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, NotFound
@@ -65,6 +66,47 @@ class ArenaIdentity:
     file_bytes: int  # size of the file (header page included)
     nonce: bytes  # 16 random bytes, also written in the file header
     hugepages: str  # "hugetlbfs", "thp" (madvise) or "off"
+
+
+@dataclass(slots=True)
+class FreeList:
+    """First-fit allocator over [start, start + capacity) in ALIGN units, coalescing on free.
+
+    Kept as a sorted list of (offset, length) holes; bisect makes insert and
+    coalesce O(log n) to find plus a list insert, fine for thousands of holes.
+    """
+
+    capacity: int
+    start: int = 0
+    holes: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.holes = [(self.start, self.capacity)]
+
+    def allocate(self, size: int) -> int | None:
+        for i, (offset, length) in enumerate(self.holes):
+            if length >= size:
+                if length == size:
+                    del self.holes[i]
+                else:
+                    self.holes[i] = (offset + size, length - size)
+                return offset
+        return None
+
+    def free(self, offset: int, size: int) -> None:
+        i = bisect.bisect_left(self.holes, (offset, 0))
+        if i > 0 and sum(self.holes[i - 1]) == offset:  # merge with the hole before
+            i -= 1
+            offset, size = self.holes[i][0], self.holes[i][1] + size
+            del self.holes[i]
+        if i < len(self.holes) and offset + size == self.holes[i][0]:  # and the one after
+            size += self.holes[i][1]
+            del self.holes[i]
+        self.holes.insert(i, (offset, size))
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(length for _, length in self.holes)
 
 
 def host_boot_id() -> str:
@@ -180,25 +222,28 @@ def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
 
 
 class ArenaReader:
-    """A client's read-only mapping of a daemon's arena file.
+    """A client's mapping of a daemon's arena file (read-only unless ``writable``).
 
     Args:
         path: the arena file the daemon named.
         nonce: when given, the file header must carry it, which proves the file is
             the daemon's arena (the client is on the daemon's host).
+        writable: map it read-write, for a same-host put writing into space the
+            daemon reserved for it (reads keep a read-only mapping).
 
     Raises:
         NotFound: the file cannot be opened or mapped (another host, user or daemon).
         Corrupt: the file is not an arena or its nonce differs.
     """
 
-    def __init__(self, path: str, *, nonce: bytes | None = None) -> None:
+    def __init__(self, path: str, *, nonce: bytes | None = None, writable: bool = False) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
             raise NotFound(f"cannot open arena {path}: {exc}") from exc
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            self._map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            self._map = mmap.mmap(fd, 0, prot=prot)
         except (OSError, ValueError) as exc:
             raise NotFound(f"cannot map arena {path}: {exc}") from exc
         finally:

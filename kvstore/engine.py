@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Collection, Sequence
 
+from kvstore.arena import Placement
 from kvstore.config import Config, EngineConfig
 from kvstore.errors import CapacityExhausted, InvalidArgument, Unavailable
 from kvstore.keys import ChunkKey
@@ -208,8 +209,13 @@ class Engine:
 
     # -- writes -------------------------------------------------------------------
 
-    def put(self, key: ChunkKey, obj: bytes) -> bool:
+    def put(self, key: ChunkKey, obj: bytes | memoryview, *,
+            placed: Placement | None = None) -> bool:
         """Store ``obj`` under ``key`` according to the write policy.
+
+        ``placed``: ``obj`` is a view of reserved DRAM arena space a same-host client
+        wrote (``server/local.py``); DRAM indexes it in place, and the tiers below
+        get the same view (pinned until the commit ends), so no byte is copied.
 
         Returns:
             True if newly stored; False if some tier already held the key (objects
@@ -221,7 +227,7 @@ class Engine:
         self._check_open()
         if self.contains(key):
             return False
-        in_dram = self._cpu.put(key, obj)
+        in_dram = self._cpu.put(key, obj, placed=placed)
         num_stored = int(in_dram)
         for tier in self._tiers[1:]:
             # Too big for DRAM: the backing tier takes it now, whatever the policy.
@@ -254,8 +260,8 @@ class Engine:
         with self._dirty_lock:
             pending = list(self._dirty)
         for key in pending:
-            with self._key_lock(key):
-                obj = self._cpu.peek(key)
+            # The backing tier writes straight from the arena: no copy of the object.
+            with self._key_lock(key), self._cpu.pinned(key) as obj:
                 if obj is not None:
                     self._write_backing(key, obj)
                 with self._dirty_lock:

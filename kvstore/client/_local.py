@@ -61,10 +61,22 @@ def is_loopback_address(address: str) -> bool:
 
 @dataclass(slots=True)
 class MappedArena:
-    """A daemon's arena mapped read-only by this client."""
+    """A daemon's arena mapped by this client: read-only, plus read-write once it puts."""
 
     reader: ArenaReader
     nonce: bytes  # proves the mapping is the daemon's arena; sent with LeaseChunks
+    writer: ArenaReader | None = None  # mapped at the first same-host put
+
+    def writable(self) -> ArenaReader:
+        """The read-write mapping (same-host puts write only into reserved extents)."""
+        if self.writer is None:
+            self.writer = ArenaReader(self.reader.path, nonce=self.nonce, writable=True)
+        return self.writer
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def attach(resp: pb.AttachArenaResponse) -> MappedArena:
@@ -216,7 +228,7 @@ class LocalPath:
     def forget(self, index: int) -> None:
         arena = self._arenas.pop(index, None)
         if arena is not None:
-            arena.reader.close()
+            arena.close()
 
     def fallback(self, index: int, address: str, exc: Exception, *, refused: bool) -> object:
         """After an arena failure: raise when forced, else stream (and maybe stop trying)."""

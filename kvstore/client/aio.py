@@ -17,6 +17,7 @@ import grpc
 from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _arena_put as arena_put
 from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
@@ -94,6 +95,8 @@ class AsyncClient:
         plan = proto.plan_put(self.layout, tokens, kv, position_free=False)
         if plan.num_chunks == 0:
             return 0
+        if await self._put_local(plan) is not local.STREAM:
+            return plan.num_chunks * plan.tokens_per_chunk
 
         async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> int:
             request = pb.LookupRequest(namespace=self._ns, tokens_le_i32=plan.tokens.tobytes())
@@ -219,6 +222,9 @@ class AsyncClient:
     async def put_chunk(self, tokens: Any, kv: Any) -> bool:
         """Store a text chunk's KV position-free (any length); True if newly stored."""
         plan = proto.plan_put(self.layout, tokens, kv, position_free=True)
+        done = await self._put_local(plan)
+        if done is not local.STREAM:
+            return done.num_chunks_stored == 1
 
         async def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bool:
             messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes,
@@ -330,6 +336,19 @@ class AsyncClient:
             return self._local.fallback(index, address, exc, refused=True)
         except (KVStoreError, local.NotRaw) as exc:
             return self._local.fallback(index, address, exc, refused=False)
+
+    async def _put_local(self, plan: proto.PutPlan) -> arena_put.PutResult | object:
+        """The same-host put (``client/_arena_put.py``); local.STREAM when it must stream."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not self._local.wants(index, address):
+            return local.STREAM
+        steps = arena_put.put_steps(self._local, index, self._ns, self.layout, plan, self._codec)
+        try:
+            return await arena_put.adrive(steps, self._conns.stub(index), self._conns.timeout_s,
+                                          self._conns.metadata)
+        except (grpc.RpcError, KVStoreError) as exc:
+            return arena_put.after_failure(self._local, index, address, exc)
 
     async def _lease(self, index: int, arr: Any, position_free: bool) -> local.ArenaLease:
         stub = self._conns.stub(index)

@@ -18,6 +18,7 @@ import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.client import _arena_put as arena_put
 from kvstore.client import _codec as codecs
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
@@ -104,7 +105,9 @@ class Client:
         plan = proto.plan_put(self.layout, tokens, kv, position_free=False)
         if plan.num_chunks == 0:
             return 0
-        return self._conns.call("Put", lambda stub, t, md: self._put(stub, t, md, plan))
+        if self._put_local(plan) is local.STREAM:
+            self._conns.call("Put", lambda stub, t, md: self._put(stub, t, md, plan))
+        return plan.num_chunks * plan.tokens_per_chunk
 
     def _put(self, stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata,
              plan: proto.PutPlan) -> int:
@@ -236,6 +239,9 @@ class Client:
     def put_chunk(self, tokens: Any, kv: Any) -> bool:
         """Store a text chunk's KV position-free (any length); True if newly stored."""
         plan = proto.plan_put(self.layout, tokens, kv, position_free=True)
+        done = self._put_local(plan)
+        if done is not local.STREAM:
+            return done.num_chunks_stored == 1
 
         def attempt(stub: pb_grpc.KVStoreStub, timeout: float, md: Metadata) -> bool:
             messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes,
@@ -356,6 +362,19 @@ class Client:
             return self._local.fallback(index, address, exc, refused=True)
         except (KVStoreError, local.NotRaw) as exc:
             return self._local.fallback(index, address, exc, refused=False)
+
+    def _put_local(self, plan: proto.PutPlan) -> arena_put.PutResult | object:
+        """The same-host put (``client/_arena_put.py``); local.STREAM when it must stream."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not self._local.wants(index, address):
+            return local.STREAM
+        steps = arena_put.put_steps(self._local, index, self._ns, self.layout, plan, self._codec)
+        try:
+            return arena_put.drive(steps, self._conns.stub(index), self._conns.timeout_s,
+                                   self._conns.metadata)
+        except (grpc.RpcError, KVStoreError) as exc:
+            return arena_put.after_failure(self._local, index, address, exc)
 
     def _lease(self, index: int, arr: Any, position_free: bool,
                ttl_s: float | None) -> local.ArenaLease:

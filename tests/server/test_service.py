@@ -293,7 +293,8 @@ def test_namespace_layout_survives_restart(tmp_path, layout):
 
 def test_metrics_endpoint_exposes_counters(tmp_path, layout):
     config = make_config(tmp_path / "d", **{"server.metrics_listen": "127.0.0.1:0"})
-    with ServerThread(config) as srv, Client(srv.address, "m", layout) as c:
+    with ServerThread(config) as srv, Client(srv.address, "m", layout,
+                                             transport="stream") as c:
         c.put(make_tokens(32), make_kv(layout, 32))
         c.get(make_tokens(32))
         url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
