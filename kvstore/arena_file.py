@@ -30,6 +30,7 @@ import mmap
 import os
 import secrets
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,11 +197,13 @@ def _map_new(directory: str, file_bytes: int) -> tuple[str, mmap.mmap]:
         os.close(fd)
 
 
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _PREFAULT_SLICE = 4 << 20  # ~2 ms per call here; mmap.madvise holds the GIL
 
 
-def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
+def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE,
+             writable: bool = True) -> None:
     """Fault every page of ``mapped`` into this process's page tables (contents unchanged).
 
     fallocate reserved the pages, but each one still costs a fault on its first
@@ -213,7 +216,8 @@ def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
     size = len(mapped)
     for offset in range(0, size, slice_bytes):
         try:
-            mapped.madvise(_MADV_POPULATE_WRITE, offset, min(slice_bytes, size - offset))
+            mapped.madvise(_MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ, offset,
+                           min(slice_bytes, size - offset))
         except ValueError:  # the arena was closed meanwhile
             return
         except OSError as exc:  # EINVAL: kernel older than 5.14; pages fault on first use
@@ -257,6 +261,11 @@ class ArenaReader:
             raise Corrupt(f"{path} is not the daemon's arena (magic {magic!r}, version "
                           f"{version}, nonce {'matches' if found == nonce else 'differs'})")
         self.nonce = found
+        # Fault the pages into this process's page tables in the background: a
+        # client's first touch of each arena page otherwise costs a fault on every
+        # get or put that reaches new space (see ``prefault``).
+        threading.Thread(target=prefault, args=(self._map,), kwargs={"writable": writable},
+                         name="kvstore-arena-client-prefault", daemon=True).start()
 
     @property
     def nbytes(self) -> int:

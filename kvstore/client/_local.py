@@ -31,7 +31,7 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.arena_file import ArenaReader, Extent, host_boot_id
 from kvstore.client._codec import decode_kvq_into
-from kvstore.client._tensors import NUMPY_STORAGE
+from kvstore.client._tensors import NUMPY_STORAGE, from_storage, is_torch_tensor, to_storage
 from kvstore.codec.format import HEADER_BYTES, CodecId, new_object_hasher, read_header
 from kvstore.errors import Corrupt, InvalidArgument, NotFound
 from kvstore.layout import KVLayout
@@ -204,6 +204,57 @@ def _copy_object(view: memoryview, index: int, layout: KVLayout, num_tokens: int
 STREAM = object()  # "use the streamed path" marker returned by the arena path
 
 
+def check_out(out: Any, layout: KVLayout, num_layers: int, num_tokens: int) -> np.ndarray:
+    """The storage-dtype numpy view of a caller's ``get(out=...)`` buffer.
+
+    ``out`` is a C-contiguous CPU torch tensor or numpy array in the layout's dtype,
+    ``[num_layers, 2, heads, >= num_tokens, dim]`` (a bfloat16 numpy buffer is
+    uint16 bits). Checked before any RPC, so a wrong buffer costs nothing.
+
+    Raises:
+        InvalidArgument: naming what was expected and what was seen.
+    """
+    want = f"[{num_layers}, 2, {layout.num_kv_heads}, >= {num_tokens}, {layout.head_dim}]"
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 5 or shape[:3] != (num_layers, 2, layout.num_kv_heads) or \
+            shape[4] != layout.head_dim or shape[3] < num_tokens:
+        raise InvalidArgument(f"out has shape {shape}, get needs {want} [layers, 2, kv_heads, "
+                              "tokens, head_dim]")
+    if is_torch_tensor(out):
+        if out.device.type != "cpu":
+            raise InvalidArgument(f"out is on {out.device}; get(out=) fills CPU buffers")
+        if not out.is_contiguous():
+            raise InvalidArgument(f"out is not contiguous (strides {out.stride()}); pass a "
+                                  "contiguous tensor")
+        if out.requires_grad:
+            raise InvalidArgument("out requires grad; pass a tensor without autograd history")
+    elif not isinstance(out, np.ndarray):
+        raise InvalidArgument(f"out must be a torch.Tensor or numpy.ndarray, got "
+                              f"{type(out).__name__}")
+    elif not (out.flags.c_contiguous and out.flags.writeable):
+        raise InvalidArgument("out must be a writable C-contiguous numpy array")
+    return to_storage(out, layout)  # a view; raises InvalidArgument on a dtype mismatch
+
+
+def out_tokens(arr: np.ndarray, layout: KVLayout, position_free: bool) -> int:
+    """Tokens a ``get`` of ``arr`` can return at most (whole chunks, or the RAG chunk)."""
+    return arr.size if position_free else arr.size // layout.chunk_tokens * layout.chunk_tokens
+
+
+def deliver(got: Any, out: Any, dest: np.ndarray | None, dtype: str, *, as_numpy: bool) -> Any:
+    """What ``get`` returns for ``got`` (an array or None): a new array, or ``out``'s
+    leading tokens (filled here if ``got`` came from the stream into a new array)."""
+    if got is None:
+        return None
+    if out is None:
+        return from_storage(got, dtype, as_numpy=as_numpy)
+    num_tokens = got.shape[3]
+    filled = dest[:, :, :, :num_tokens]
+    if not np.may_share_memory(got, filled):
+        np.copyto(filled, got)
+    return out[:, :, :, :num_tokens]
+
+
 class LocalPath:
     """Per-address state of the same-host path: mapped arenas and the transport choice."""
 
@@ -244,13 +295,20 @@ class LocalPath:
         return STREAM
 
     def read(self, lease: ArenaLease, layout: KVLayout, tokens_per_chunk: int,
-             layers: Sequence[int]) -> np.ndarray | object | None:
-        """Copy a lease's chunks out; STREAM when it pinned fewer chunks than are stored."""
+             layers: Sequence[int], dest: np.ndarray | None = None
+             ) -> np.ndarray | object | None:
+        """Copy a lease's chunks out; STREAM when it pinned fewer chunks than are stored.
+
+        ``dest`` (from ``check_out``): copy into its leading tokens and return that
+        view instead of allocating.
+        """
         if lease.num_chunks_stored == 0:
             return None
         if len(lease.extents) < lease.num_chunks_stored:
             return STREAM  # the rest lives where DRAM could not pin it: Get has it all
-        out = new_output(layout, len(layers), len(lease.extents) * tokens_per_chunk)
+        num_tokens = len(lease.extents) * tokens_per_chunk
+        out = new_output(layout, len(layers), num_tokens) if dest is None else \
+            dest[:, :, :, :num_tokens]
         copy_chunks(lease.reader, lease.extents, layout, tokens_per_chunk, layers, out)
         return out
 

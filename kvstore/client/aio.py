@@ -23,6 +23,7 @@ from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
+from kvstore.client._view import AsyncViewScope
 from kvstore.client.sync import Connections, Metadata
 from kvstore.errors import InvalidArgument, KVStoreError, NotFound, PermissionDenied
 from kvstore.layout import KVLayout
@@ -115,10 +116,11 @@ class AsyncClient:
         return await self._lookup(tokens, position_free=False)
 
     async def get(self, tokens: Any, *, layers: Sequence[int] | None = None,
-                  as_numpy: bool = False, decode: str = "server", device: Any = None) -> Any:
+                  as_numpy: bool = False, decode: str = "server", device: Any = None,
+                  out: Any = None) -> Any:
         """The leading stored chunks of ``tokens`` (see ``Client.get``), or None."""
         return await self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
-                               decode=decode, device=device)
+                               decode=decode, device=device, out=out)
 
     async def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                          as_numpy: bool = False) -> AsyncIterator[tuple[int, Any]]:
@@ -274,16 +276,22 @@ class AsyncClient:
                                   layers or list(range(self.layout.num_layers)), layer_major)
 
     async def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
-                   position_free: bool, decode: str = "server", device: Any = None) -> Any:
+                   position_free: bool, decode: str = "server", device: Any = None,
+                   out: Any = None) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        dest = None if out is None else local.check_out(
+            out, self.layout, len(chosen or range(self.layout.num_layers)),
+            local.out_tokens(arr, self.layout, position_free))
         if codecs.check_decode(decode) == "client":
+            if out is not None:
+                raise InvalidArgument("out= fills CPU buffers from stored raw bytes; with "
+                                      "decode='client' use the returned tensor")
             out = await self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
-        got = await self._get_local(arr, chosen, position_free)
+        got = await self._get_local(arr, chosen, position_free, dest)
         if got is not local.STREAM:
-            return None if got is None else from_storage(got, self.layout.dtype,
-                                                         as_numpy=as_numpy)
+            return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -294,8 +302,8 @@ class AsyncClient:
                 asm.add(msg)
             return asm.result()
 
-        out = await self._conns.acall("Get", attempt)
-        return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+        got = await self._conns.acall("Get", attempt)
+        return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
 
     async def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
                            device: Any) -> Any:
@@ -317,7 +325,21 @@ class AsyncClient:
         return await asyncio.to_thread(codecs.decode_objects, objects, self.layout, per_chunk,
                                        chosen, device)
 
-    async def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool) -> Any:
+    def view(self, tokens: Any, *, position_free: bool = False, verify: bool = True,
+             ttl_s: float | None = None) -> AsyncViewScope:
+        """``async with client.view(tokens) as v``: chunks read in place (``Client.view``)."""
+        if self._local.transport == "stream":
+            raise InvalidArgument("this client was made with transport='stream'; views need "
+                                  "the arena")
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        index = self._conns.order()[0]
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        return AsyncViewScope(lambda: self._lease(index, arr, position_free, ttl_s),
+                              lambda lease_id: self._release(index, lease_id), self.layout,
+                              per_chunk, verify)
+
+    async def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                         dest: Any = None) -> Any:
         """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
         index = self._conns.order()[0]
         address = self._conns.addresses[index]
@@ -329,7 +351,7 @@ class AsyncClient:
             lease = await self._lease(index, arr, position_free)
             try:
                 return await asyncio.to_thread(self._local.read, lease, self.layout, per_chunk,
-                                               layers)
+                                               layers, dest)
             finally:
                 await self._release(index, lease.lease_id)
         except PermissionDenied as exc:
@@ -350,7 +372,8 @@ class AsyncClient:
         except (grpc.RpcError, KVStoreError) as exc:
             return arena_put.after_failure(self._local, index, address, exc)
 
-    async def _lease(self, index: int, arr: Any, position_free: bool) -> local.ArenaLease:
+    async def _lease(self, index: int, arr: Any, position_free: bool,
+                     ttl_s: float | None = None) -> local.ArenaLease:
         stub = self._conns.stub(index)
         address = self._conns.addresses[index]
         deadline, md = time.monotonic() + self._conns.timeout_s, self._conns.metadata
@@ -363,9 +386,10 @@ class AsyncClient:
                                                   metadata=md)
                     arena = local.attach(resp)
                     self._local.remember(index, arena)
-                request = pb.LeaseChunksRequest(namespace=self._ns, tokens_le_i32=arr.tobytes(),
-                                                position_free=position_free,
-                                                arena_nonce=arena.nonce)
+                request = pb.LeaseChunksRequest(
+                    namespace=self._ns, tokens_le_i32=arr.tobytes(), position_free=position_free,
+                    ttl_ms=0 if ttl_s is None else max(1, int(ttl_s * 1000)),
+                    arena_nonce=arena.nonce)
                 lease = await stub.LeaseChunks(request, timeout=timeout, metadata=md)
             except grpc.RpcError as exc:
                 error = error_from_rpc(exc, address)

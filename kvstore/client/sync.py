@@ -25,6 +25,7 @@ from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections, Metadata
 from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
+from kvstore.client._view import ArenaView, open_view
 from kvstore.errors import (
     InvalidArgument,
     KVStoreError,
@@ -127,16 +128,21 @@ class Client:
         return self._lookup(tokens, position_free=False)
 
     def get(self, tokens: Any, *, layers: Sequence[int] | None = None, as_numpy: bool = False,
-            decode: str = "server", device: Any = None) -> Any:
+            decode: str = "server", device: Any = None, out: Any = None) -> Any:
         """The leading stored chunks of ``tokens``: ``[layers, 2, heads, n, dim]`` or None.
 
         ``n`` is a multiple of chunk_tokens and may be less than asked. ``layers``
         selects (ascending) layers. Every object is verified; bad bytes raise Corrupt.
         ``decode="client"`` streams the objects as stored (compressed) and decodes
         them here, on ``device`` ("cuda": the codec's Triton kernel; None: the CPU).
+        ``out``: a C-contiguous CPU tensor or numpy array the caller owns,
+        ``[layers, 2, heads, >= len(tokens) in whole chunks, dim]`` in the layout's
+        dtype; the chunks are copied into its leading ``n`` tokens (on the same
+        host: one copy from the arena, nothing allocated) and that view of ``out``
+        is returned (None on a miss). A wrong buffer raises InvalidArgument.
         """
         return self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
-                         decode=decode, device=device)
+                         decode=decode, device=device, out=out)
 
     def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                    as_numpy: bool = False) -> Iterator[tuple[int, Any]]:
@@ -285,16 +291,22 @@ class Client:
                                   layers or list(range(self.layout.num_layers)), layer_major)
 
     def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
-             position_free: bool, decode: str = "server", device: Any = None) -> Any:
+             position_free: bool, decode: str = "server", device: Any = None,
+             out: Any = None) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        dest = None if out is None else local.check_out(
+            out, self.layout, len(chosen or range(self.layout.num_layers)),
+            local.out_tokens(arr, self.layout, position_free))
         if codecs.check_decode(decode) == "client":
+            if out is not None:
+                raise InvalidArgument("out= fills CPU buffers from stored raw bytes; with "
+                                      "decode='client' use the returned tensor")
             out = self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
-        out = self._get_local(arr, chosen, position_free)
-        if out is not local.STREAM:
-            return None if out is None else from_storage(out, self.layout.dtype,
-                                                         as_numpy=as_numpy)
+        got = self._get_local(arr, chosen, position_free, dest)
+        if got is not local.STREAM:
+            return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -305,8 +317,8 @@ class Client:
                 asm.add(msg)
             return asm.result()
 
-        out = self._conns.call("Get", attempt)
-        return None if out is None else from_storage(out, self.layout.dtype, as_numpy=as_numpy)
+        got = self._conns.call("Get", attempt)
+        return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
 
     def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
                      device: Any) -> Any:
@@ -347,7 +359,27 @@ class Client:
         index = self._conns.order()[0]
         return self._lease(index, arr, position_free, ttl_s)
 
-    def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool) -> Any:
+    def view(self, tokens: Any, *, position_free: bool = False, verify: bool = True,
+             ttl_s: float | None = None) -> ArenaView:
+        """The leading stored chunks, read in place in the daemon's arena (same host only).
+
+        ``with client.view(tokens) as v:`` pins the chunks under a lease and gives
+        ``v.chunks`` (read-only ``[layers, 2, heads, T, dim]`` numpy views, one per
+        chunk) and ``v.objects`` (their KVC1 objects); nothing is copied. Each object
+        is checked against the layout, and its checksum verified when ``verify``.
+
+        Raises:
+            PermissionDenied, NotFound: the arena cannot be used (see ``lease``).
+            InvalidArgument: a chunk is stored compressed (kvq); use ``get``.
+            Corrupt: an object fails its checks.
+        """
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        lease = self.lease(arr, ttl_s=ttl_s, position_free=position_free)
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        return open_view(lease, self.layout, per_chunk, verify=verify)
+
+    def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                         dest: Any = None) -> Any:
         """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
         index = self._conns.order()[0]
         address = self._conns.addresses[index]
@@ -357,7 +389,7 @@ class Client:
         layers = chosen or list(range(self.layout.num_layers))
         try:
             with self._lease(index, arr, position_free, None) as lease:
-                return self._local.read(lease, self.layout, per_chunk, layers)
+                return self._local.read(lease, self.layout, per_chunk, layers, dest)
         except PermissionDenied as exc:
             return self._local.fallback(index, address, exc, refused=True)
         except (KVStoreError, local.NotRaw) as exc:

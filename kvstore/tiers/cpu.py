@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
-
 from contextlib import AbstractContextManager
 from typing import Any
 
