@@ -131,3 +131,20 @@ def test_async_client_reads_into_out_and_in_place(layout, server):
     assert np.array_equal(out, kv)
     assert np.array_equal(np.concatenate(copies, axis=3), kv)
     assert server.engine.dram.stats().info["leases"] == "0"
+
+
+def test_unverified_get_checks_headers_but_not_checksums(client, layout, server):
+    tokens, kv = make_tokens(32), make_kv(layout, 32)
+    c = client(transport="arena")
+    c.put(tokens, kv)
+    with c.lease(tokens) as lease:
+        extent = lease.extents[1]
+    arena = server.engine.dram._arena
+    arena._view[extent.offset + extent.length - 1] ^= 0x01  # a payload byte
+    with pytest.raises(Corrupt):
+        c.get(tokens, as_numpy=True)
+    got = c.get(tokens, as_numpy=True, verify=False, layers=[0, 3])
+    assert np.array_equal(got[:, :, :, :16], kv[[0, 3], :, :, :16])
+    arena._view[extent.offset] ^= 0x01  # the magic
+    with pytest.raises(Corrupt):
+        c.get(tokens, as_numpy=True, verify=False)

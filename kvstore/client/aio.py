@@ -117,10 +117,10 @@ class AsyncClient:
 
     async def get(self, tokens: Any, *, layers: Sequence[int] | None = None,
                   as_numpy: bool = False, decode: str = "server", device: Any = None,
-                  out: Any = None) -> Any:
+                  out: Any = None, verify: bool = True) -> Any:
         """The leading stored chunks of ``tokens`` (see ``Client.get``), or None."""
         return await self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
-                               decode=decode, device=device, out=out)
+                               decode=decode, device=device, out=out, verify=verify)
 
     async def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                          as_numpy: bool = False) -> AsyncIterator[tuple[int, Any]]:
@@ -277,7 +277,7 @@ class AsyncClient:
 
     async def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
                    position_free: bool, decode: str = "server", device: Any = None,
-                   out: Any = None) -> Any:
+                   out: Any = None, verify: bool = True) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
         dest = None if out is None else local.check_out(
@@ -289,7 +289,7 @@ class AsyncClient:
                                       "decode='client' use the returned tensor")
             out = await self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
-        got = await self._get_local(arr, chosen, position_free, dest)
+        got = await self._get_local(arr, chosen, position_free, dest, verify)
         if got is not local.STREAM:
             return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
@@ -339,7 +339,7 @@ class AsyncClient:
                               per_chunk, verify)
 
     async def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool,
-                         dest: Any = None) -> Any:
+                         dest: Any = None, verify: bool = True) -> Any:
         """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
         index = self._conns.order()[0]
         address = self._conns.addresses[index]
@@ -351,7 +351,7 @@ class AsyncClient:
             lease = await self._lease(index, arr, position_free)
             try:
                 return await asyncio.to_thread(self._local.read, lease, self.layout, per_chunk,
-                                               layers, dest)
+                                               layers, dest, verify)
             finally:
                 await self._release(index, lease.lease_id)
         except PermissionDenied as exc:

@@ -128,7 +128,8 @@ class Client:
         return self._lookup(tokens, position_free=False)
 
     def get(self, tokens: Any, *, layers: Sequence[int] | None = None, as_numpy: bool = False,
-            decode: str = "server", device: Any = None, out: Any = None) -> Any:
+            decode: str = "server", device: Any = None, out: Any = None,
+            verify: bool = True) -> Any:
         """The leading stored chunks of ``tokens``: ``[layers, 2, heads, n, dim]`` or None.
 
         ``n`` is a multiple of chunk_tokens and may be less than asked. ``layers``
@@ -140,9 +141,13 @@ class Client:
         dtype; the chunks are copied into its leading ``n`` tokens (on the same
         host: one copy from the arena, nothing allocated) and that view of ``out``
         is returned (None on a miss). A wrong buffer raises InvalidArgument.
+        ``verify=False``: same-host copies check each object's header but skip its
+        checksum (about a third of the copy's time; the daemon verified every object
+        when it was stored, and the lease keeps its bytes from changing). Streamed
+        gets always verify.
         """
         return self._get(tokens, layers=layers, as_numpy=as_numpy, position_free=False,
-                         decode=decode, device=device, out=out)
+                         decode=decode, device=device, out=out, verify=verify)
 
     def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                    as_numpy: bool = False) -> Iterator[tuple[int, Any]]:
@@ -292,7 +297,7 @@ class Client:
 
     def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
              position_free: bool, decode: str = "server", device: Any = None,
-             out: Any = None) -> Any:
+             out: Any = None, verify: bool = True) -> Any:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
         dest = None if out is None else local.check_out(
@@ -304,7 +309,7 @@ class Client:
                                       "decode='client' use the returned tensor")
             out = self._get_encoded(arr, chosen, position_free, device)
             return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
-        got = self._get_local(arr, chosen, position_free, dest)
+        got = self._get_local(arr, chosen, position_free, dest, verify)
         if got is not local.STREAM:
             return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
@@ -379,7 +384,7 @@ class Client:
         return open_view(lease, self.layout, per_chunk, verify=verify)
 
     def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool,
-                         dest: Any = None) -> Any:
+                         dest: Any = None, verify: bool = True) -> Any:
         """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
         index = self._conns.order()[0]
         address = self._conns.addresses[index]
@@ -389,7 +394,7 @@ class Client:
         layers = chosen or list(range(self.layout.num_layers))
         try:
             with self._lease(index, arr, position_free, None) as lease:
-                return self._local.read(lease, self.layout, per_chunk, layers, dest)
+                return self._local.read(lease, self.layout, per_chunk, layers, dest, verify)
         except PermissionDenied as exc:
             return self._local.fallback(index, address, exc, refused=True)
         except (KVStoreError, local.NotRaw) as exc:
