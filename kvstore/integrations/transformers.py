@@ -26,12 +26,15 @@ Batch size 1; ``input_ids`` may be a list of ints, a 1-D tensor or a ``[1, T]`` 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from kvstore.errors import InvalidArgument
+from kvstore.codec.format import verify_object
+from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.integrations._rope import check_layout
 from kvstore.layout import KVLayout
 
@@ -90,11 +93,54 @@ def kv_from_cache(cache: Any, start: int, stop: int, dtype: torch.dtype) -> torc
     return torch.stack(per_layer).to(device="cpu", dtype=dtype)
 
 
-def _load_prefix(model: Any, client: Any, ids: list[int]) -> tuple[Any, int, int]:
+def _storage_tensor(arr: Any) -> torch.Tensor:
+    """A read-only numpy view of stored KV as a torch tensor of the stored dtype (no copy)."""
+    with warnings.catch_warnings():  # read-only arena views: we never write through them
+        warnings.simplefilter("ignore", UserWarning)
+        if arr.dtype == np.uint16:  # bfloat16 bits
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(arr)
+
+
+def _load_in_place(model: Any, client: Any, ids: list[int]) -> torch.Tensor | None:
+    """The stored prefix of ``ids`` converted straight from the daemon's arena into one
+    ``[layers, 2, heads, n, dim]`` tensor of the model's dtype; None when there is no
+    same-host view of every stored chunk (then ``get`` is the way).
+
+    *Why:* a ``get`` copies the chunks into a new tensor of the stored dtype, and the
+    cache then needs a second pass to convert them; here each chunk is verified and
+    converted while in cache, with one pass over the arena and one write.
+    """
+    if getattr(client, "view", None) is None:
+        return None
+    try:
+        with client.view(ids, verify=False) as view:
+            if not view.chunks or len(view.chunks) < view.lease.num_chunks_stored:
+                return None
+            param = next(model.parameters())
+            first = view.chunks[0]  # [layers, 2, heads, T, dim]
+            per_chunk = first.shape[3]
+            out = torch.empty((*first.shape[:3], view.num_tokens, first.shape[4]),
+                              dtype=param.dtype)
+            for index, (obj, chunk) in enumerate(zip(view.objects, view.chunks, strict=True)):
+                verify_object(obj)  # the chunk is then in cache for the conversion
+                span = slice(index * per_chunk, (index + 1) * per_chunk)
+                out[:, :, :, span].copy_(_storage_tensor(chunk))
+    except KVStoreError as exc:  # not on this host, refused, compressed or corrupt chunks
+        log.debug("no in-place load of the prefix (%s); using get", exc)
+        return None
+    return out if param.device.type == "cpu" else out.to(param.device)
+
+
+def load_prefix(model: Any, client: Any, ids: list[int]) -> tuple[Any, int, int]:
     """(cache or None, tokens to reuse, tokens stored) for the longest stored prefix of ``ids``."""
     num_full = len(ids) // client.layout.chunk_tokens * client.layout.chunk_tokens
-    # get() returns the leading stored chunks, so no separate lookup round trip.
-    kv = client.get(ids[:num_full]) if num_full else None
+    if not num_full:
+        return None, 0, 0
+    kv = _load_in_place(model, client, ids[:num_full])
+    if kv is None:
+        # get() returns the leading stored chunks, so no separate lookup round trip.
+        kv = client.get(ids[:num_full])
     if kv is None:  # a miss is a result, not an error
         return None, 0, 0
     kv = torch.as_tensor(kv)
@@ -138,7 +184,7 @@ def prefill(
     if not ids:
         raise InvalidArgument("input_ids is empty; prefill needs at least one token")
     check_layout(model, client.layout)
-    cache, num_reused, num_stored = _load_prefix(model, client, ids)
+    cache, num_reused, num_stored = load_prefix(model, client, ids)
     if cache is None:
         from transformers import DynamicCache
 
