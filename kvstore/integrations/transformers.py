@@ -26,6 +26,8 @@ Batch size 1; ``input_ids`` may be a list of ints, a 1-D tensor or a ``[1, T]`` 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -102,6 +104,34 @@ def _storage_tensor(arr: Any) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
+# Buffers the in-place load converts into, one per recent (shape, dtype), reused once
+# nothing references them any more. *Why:* a fresh 94 MB float32 tensor (2048 SmolLM2
+# tokens) faults every page on its first write; on this project's VM that cost more
+# than the rest of the load (scratch measurement: torch.empty + fill 160-280 ms against
+# a 13-48 ms get, under load). A loaded cache's tensors are views of the buffer until
+# the model's first forward replaces them (DynamicLayer.update concatenates), so the
+# buffer is free again right after the prefill that loaded it.
+_BUFFERS: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+_BUFFERS_LOCK = threading.Lock()
+_MAX_BUFFERS = 2
+# References to a buffer taken out of the pool that no one else holds: the local name
+# and getrefcount's argument. Every view of it (a cache's layers) holds it as ``_base``.
+_FREE_REFS = 2
+
+
+def _load_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A ``shape`` tensor of ``dtype`` no one else references: pooled (warm) if possible."""
+    key = (shape, dtype)
+    with _BUFFERS_LOCK:
+        buf = _BUFFERS.pop(key, None)
+        if buf is None or sys.getrefcount(buf) > _FREE_REFS:  # still viewed by a cache
+            buf = torch.empty(shape, dtype=dtype)
+        _BUFFERS[key] = buf  # most recent last
+        while len(_BUFFERS) > _MAX_BUFFERS:
+            del _BUFFERS[next(iter(_BUFFERS))]
+        return buf
+
+
 def _load_in_place(model: Any, client: Any, ids: list[int]) -> torch.Tensor | None:
     """The stored prefix of ``ids`` converted straight from the daemon's arena into one
     ``[layers, 2, heads, n, dim]`` tensor of the model's dtype; None when there is no
@@ -120,8 +150,8 @@ def _load_in_place(model: Any, client: Any, ids: list[int]) -> torch.Tensor | No
             param = next(model.parameters())
             first = view.chunks[0]  # [layers, 2, heads, T, dim]
             per_chunk = first.shape[3]
-            out = torch.empty((*first.shape[:3], view.num_tokens, first.shape[4]),
-                              dtype=param.dtype)
+            out = _load_buffer((*first.shape[:3], view.num_tokens, first.shape[4]),
+                               param.dtype)
             for index, (obj, chunk) in enumerate(zip(view.objects, view.chunks, strict=True)):
                 verify_object(obj)  # the chunk is then in cache for the conversion
                 span = slice(index * per_chunk, (index + 1) * per_chunk)

@@ -187,3 +187,27 @@ def test_in_place_load_falls_back_to_get_for_compressed_chunks(daemon):
             client.view(ids[:32])
         cache, num_reused, _ = load_prefix(model, client, ids)
     assert num_reused == 32 and cache.get_seq_length() == 32
+
+
+def test_in_place_load_reuses_its_buffer_only_once_no_cache_views_it(daemon):
+    from kvstore import Client
+    from kvstore.integrations.transformers import load_prefix
+
+    model = tiny_llama()
+    ids = [int(t) for t in torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(5))]
+    with Client(daemon.address, f"reuse-{next(_names)}", layout_for(model, "float16", 16)) as c:
+        prefill(model, ids, c)
+        first, _, _ = load_prefix(model, c, ids)
+        kept = first.layers[1].keys.clone()
+        second, _, _ = load_prefix(model, c, ids)  # `first` still views its buffer
+        assert first.layers[1].keys.data_ptr() != second.layers[1].keys.data_ptr()
+        assert torch.equal(first.layers[1].keys, kept)
+        ptr = second.layers[0].keys.data_ptr()
+        del first, second
+        third, _, _ = load_prefix(model, c, ids)  # nothing views the buffer now: reused
+        assert third.layers[0].keys.data_ptr() == ptr
+        with torch.inference_mode():  # a forward replaces the views: the buffer is free
+            model(input_ids=torch.tensor([ids[48:]]), cache=third, use_cache=True)
+        fourth, _, _ = load_prefix(model, c, ids)
+        assert fourth.layers[0].keys.data_ptr() == ptr
+        assert torch.equal(fourth.layers[1].keys, kept)
