@@ -1,7 +1,7 @@
-"""Blobs over the message limit: PartedBlobs put/get against one whole-blob message.
+"""Blobs over the message limit: put_blob/get_blob in parts against one whole-blob message.
 
 A random blob attached to a 32K-token prompt is put, then read back, through
-``kvstore.sparse.store.PartedBlobs`` by a client with the default 64 MiB message
+``Client.put_blob``/``get_blob`` by a client with the default 64 MiB message
 limit, with parts of at most 8 MiB (the default) and of up to the message limit.
 The baseline, measured in the same run on the same daemon, is the same bytes as one
 PutBlob and one GetBlob with the client's limit raised to hold them whole. Each
@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import daemon, emit  # noqa: E402
 
 from kvstore.client import Client  # noqa: E402
+from kvstore.client._blobs import part_size  # noqa: E402
+from kvstore.client._protocol import PART_HEADROOM_BYTES  # noqa: E402
 from kvstore.layout import KVLayout  # noqa: E402
-from kvstore.sparse.store import PartedBlobs  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float16",
                   chunk_tokens=256, keys_pre_rope=True)
@@ -44,18 +45,22 @@ Mode = tuple[Callable[[], object], Callable[[], object]]  # (put, get)
 def _modes(stack: ExitStack, address: str, data: bytes,
            parts: list[int]) -> tuple[dict[str, Mode], dict[str, int]]:
     """name -> (put, get) for the whole-blob baseline and each part size; and part bytes."""
+    whole_bytes = len(data) + (1 << 20) + 4 * len(TOKENS)
     whole = stack.enter_context(Client(address, "bench", LAYOUT, timeout_s=300,
-                                       max_message_bytes=len(data) + (1 << 20) + 4 * len(TOKENS)))
-    parted = stack.enter_context(Client(address, "bench", LAYOUT, timeout_s=300,
-                                        max_message_bytes=CLIENT_LIMIT_BYTES))
+                                       max_message_bytes=whole_bytes,
+                                       max_blob_part_bytes=whole_bytes))
     modes: dict[str, Mode] = {"whole": (lambda: whole.put_blob(TOKENS, "whole", data),
                                         lambda: whole.get_blob(TOKENS, "whole"))}
     part_bytes = {}
     for max_part in parts:
-        blobs, kind = PartedBlobs(parted, max_part_bytes=max_part), f"parted-{max_part}"
-        modes[kind] = (lambda b=blobs, k=kind: b.put(TOKENS, k, data),
-                       lambda b=blobs, k=kind: b.get(TOKENS, k))
-        part_bytes[kind] = blobs.part_bytes(TOKENS)
+        parted = stack.enter_context(Client(address, "bench", LAYOUT, timeout_s=300,
+                                            max_message_bytes=CLIENT_LIMIT_BYTES,
+                                            max_blob_part_bytes=max_part))
+        kind = f"parted-{max_part}"
+        modes[kind] = (lambda c=parted, k=kind: c.put_blob(TOKENS, k, data),
+                       lambda c=parted, k=kind: c.get_blob(TOKENS, k))
+        part_bytes[kind] = part_size(CLIENT_LIMIT_BYTES - PART_HEADROOM_BYTES, len(TOKENS),
+                                     max_part)
     return modes, part_bytes
 
 

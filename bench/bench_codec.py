@@ -151,7 +151,7 @@ def perplexity_run(args: argparse.Namespace, table: Any) -> dict[str, list[dict[
     import torch
 
     from kvstore.codec.calibrate_model import continuation_logprobs, prefill
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+    from kvstore.models.smollm2 import load_smollm2, sample_tokens
 
     torch.set_num_threads(1)
     model, tokenizer = load_smollm2()

@@ -64,7 +64,7 @@ def model_chunks(prefix_tokens: int, offset: int) -> tuple[KVLayout, list[np.nda
     import torch
 
     from kvstore.codec.calibrate_model import prefill
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+    from kvstore.models.smollm2 import load_smollm2, sample_tokens
 
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     model, tokenizer = load_smollm2()

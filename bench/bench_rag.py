@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import daemon, emit  # noqa: E402
 
 from kvstore import Client  # noqa: E402
-from kvstore.integrations.smollm2 import load_smollm2  # noqa: E402
-from kvstore.integrations.transformers import layout_for  # noqa: E402
+from kvstore._progress import track  # noqa: E402
+from kvstore.models.arch import layout_for  # noqa: E402
+from kvstore.models.smollm2 import load_smollm2  # noqa: E402
 from kvstore.rag import build_cache, build_cache_naive  # noqa: E402
 
 PREFIX = "You are a helpful assistant. Answer the question using the documentation below.\n\n"
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         with Client(
             address, "bench-rag", layout_for(model, args.dtype, 256), timeout_s=120
         ) as client:
-            for prompt in prompts:
+            for prompt in track(prompts, "bench_rag: prompts"):
                 rows = evaluate(model, tokenizer, client, prompt, methods, args)
                 for method, row in rows.items():
                     results[method].append(row)

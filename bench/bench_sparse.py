@@ -30,7 +30,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
-from kvstore.integrations.smollm2 import load_smollm2, sample_text  # noqa: E402
+from kvstore._progress import track  # noqa: E402
+from kvstore.models.arch import fingerprint_of  # noqa: E402
+from kvstore.models.llama import capture_prefill  # noqa: E402
+from kvstore.models.rope import rope_spec  # noqa: E402
+from kvstore.models.smollm2 import load_smollm2, sample_text  # noqa: E402
 from kvstore.sparse import (  # noqa: E402
     BlockGeometry,
     HostBlockPool,
@@ -39,7 +43,6 @@ from kvstore.sparse import (  # noqa: E402
     build_sequence,
 )
 from kvstore.sparse.layers import SparseLayer  # noqa: E402
-from kvstore.sparse.llama import capture_prefill, fingerprint_of, rope_of  # noqa: E402
 from kvstore.sparse.measure import ObservedLayer, kl_and_agreement  # noqa: E402
 
 NEEDLES = [  # (statement, question, answer)
@@ -109,7 +112,8 @@ def run_dense(model, cfg_dense, k_pre, values, rope, fp, first_token, num_new):
 def run_sparse(model, cfg, k_pre, values, rope, fp, dense_tokens, dense_logits):
     decoder = make_decoder(model, cfg, k_pre, values, rope, fp, observe=True)
     kls, agree, fetched, hits, misses = [], [], [], 0, 0
-    for step, token in enumerate(dense_tokens[:-1]):  # teacher-forced on the dense tokens
+    steps = track(list(enumerate(dense_tokens[:-1])), "bench_sparse: decode")
+    for step, token in steps:  # teacher-forced on the dense tokens
         logits, stats = decoder.step(token)
         kl, same = kl_and_agreement(dense_logits[step], logits)
         kls.append(kl)
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    rope, fp = rope_of(model), fingerprint_of(model)
+    spec = rope_spec(model)
+    rope, fp = (spec.inv_freq, spec.attention_scaling), fingerprint_of(model)
     dense_cfg = SparseConfig(selector="dense")
     for spec in args.prompts.split(","):
         needle, depth = int(spec.split(":")[0]), float(spec.split(":")[1])

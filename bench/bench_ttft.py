@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import daemon, emit  # noqa: E402
 
 from kvstore import Client  # noqa: E402
-from kvstore.integrations.smollm2 import load_smollm2, sample_tokens  # noqa: E402
+from kvstore._progress import track  # noqa: E402
 from kvstore.integrations.transformers import (  # noqa: E402
     cache_from_kv,
     kv_from_cache,
@@ -40,6 +40,7 @@ from kvstore.integrations.transformers import (  # noqa: E402
     load_prefix,
     prefill,
 )
+from kvstore.models.smollm2 import load_smollm2, sample_tokens  # noqa: E402
 
 DEFAULT_PLOT = Path(__file__).resolve().parent / "ttft.png"
 
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             # Keys do not depend on the codec: one namespace per codec keeps them apart.
             with Client(address, f"bench-ttft-{codec}", layout, timeout_s=120,
                         codec=codec) as client:
-                for size in sizes:
+                for size in track(sizes, f"bench_ttft: {codec}"):
                     row = {
                         "context_tokens": size,
                         "dtype": args.dtype,

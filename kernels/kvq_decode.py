@@ -18,9 +18,10 @@ step, neighbouring lanes store bytes ``cpl`` apart instead of ``cpl * T`` apart.
 as one kernel (one row of 128 symbols per channel, int32 arithmetic, same
 integers), writing int16 or int32 rows.
 
-The references are the CPU decoder ``kvstore.codec.rans.decode_flat`` (numba) and
-``dist.expand_cdf``; tests compare them value for value (under TRITON_INTERPRET=1
-without a GPU).
+The references are the CPU decoder ``kvstore.codec.rans.decode_flat`` (numba, wrapped
+as ``kvstore.codec.gpu.decode_lanes_on_cpu``) and ``dist.expand_cdf``; tests compare
+them value for value (under TRITON_INTERPRET=1 without a GPU). This module imports
+nothing of the codec: the codec calls it.
 """
 
 from __future__ import annotations
@@ -37,27 +38,11 @@ from kvstore.kernels.sparse_common import (
 
 from kvstore.errors import InvalidArgument
 
-PREC_BITS = 14  # == kvstore.codec.dist.PREC_BITS (checked by the launchers)
+PREC_BITS = 14  # == kvstore.codec.dist.PREC_BITS (checked by kvstore.codec.gpu)
 MAX_SYMBOLS = 128  # == kvstore.codec.dist.MAX_SYMBOLS
 STATE_LOW = 1 << 16
 CDF_DTYPES = (torch.int16, torch.int32)  # CDF entries are 0..2**14
 WORD_DTYPES = (torch.int16, torch.int32)  # int16 = the u16 words' bits
-
-
-def decode_lanes_reference(words: torch.Tensor, lane_start: torch.Tensor,
-                           lane_end: torch.Tensor, cdf: torch.Tensor, channels_per_lane: int,
-                           num_tokens: int) -> tuple[torch.Tensor, bool]:
-    """CPU reference: (symbols ``[C, T]`` uint8, all lanes intact)."""
-    from kvstore.codec.rans import decode_flat
-
-    w = words.cpu().numpy()
-    w = w.view(np.uint16) if w.dtype == np.int16 else w.astype(np.uint16)
-    symct = decode_flat(w, lane_start.cpu().numpy(), lane_end.cpu().numpy(),
-                        cdf.cpu().numpy().astype(np.int32), channels_per_lane, num_tokens,
-                        MAX_SYMBOLS)
-    if symct is None:
-        return torch.zeros((cdf.shape[0], num_tokens), dtype=torch.uint8), False
-    return torch.from_numpy(symct), True
 
 
 if triton is not None:
@@ -136,13 +121,6 @@ if triton is not None:
         tl.store(base, tl.zeros([ROWS], dtype=cdf_ptr.dtype.element_ty), mask=live)
 
 
-def _check_constants() -> None:
-    from kvstore.codec import dist
-
-    if dist.PREC_BITS != PREC_BITS or dist.MAX_SYMBOLS != MAX_SYMBOLS:
-        raise InvalidArgument("kernel constants disagree with kvstore.codec.dist")
-
-
 def launch_decode_lanes(words: torch.Tensor, lane_start: torch.Tensor, lane_end: torch.Tensor,
                         cdf: torch.Tensor, channels_per_lane: int, num_tokens: int,
                         out_dim: int = 1, block: int = 64,
@@ -165,7 +143,6 @@ def launch_decode_lanes(words: torch.Tensor, lane_start: torch.Tensor, lane_end:
         (symbols, ok): ``[C * T]`` uint8 and ``[N]`` int32, 1 where a lane's stream
         ended exactly where it should (the CPU decoder's check).
     """
-    _check_constants()
     num_lanes = lane_start.shape[0]
     check_tensor("words", words, ndim=1, dtypes=WORD_DTYPES)
     check_tensor("lane_start", lane_start, ndim=1, dtypes=(torch.int64,))
@@ -214,16 +191,15 @@ _WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 def expand_cdfs(mu: torch.Tensor, shape_scale: torch.Tensor, num_symbols: torch.Tensor,
-                dtype: torch.dtype = torch.int16, rows_per_program: int = 16) -> torch.Tensor:
+                weights_table: np.ndarray, dtype: torch.dtype = torch.int16,
+                rows_per_program: int = 16) -> torch.Tensor:
     """``dist.expand_cdf`` on the device: ``[C, MAX_SYMBOLS + 1]`` CDFs in ``dtype``.
 
     Args:
         mu, shape_scale: ``[C]`` uint8 distribution bytes.
         num_symbols: ``[C]`` uint8 alphabet sizes, each in 2..MAX_SYMBOLS.
+        weights_table: ``kvstore.codec.dist.WEIGHTS`` (copied to each device once).
     """
-    from kvstore.codec import dist
-
-    _check_constants()
     n = mu.shape[0]
     for name, t in (("mu", mu), ("shape_scale", shape_scale), ("num_symbols", num_symbols)):
         check_tensor(name, t, ndim=1, dtypes=(torch.uint8,), shape=(n,))
@@ -233,10 +209,10 @@ def expand_cdfs(mu: torch.Tensor, shape_scale: torch.Tensor, num_symbols: torch.
         raise InvalidArgument(f"CDF dtype must be one of {CDF_DTYPES}, got {dtype}")
     weights = _WEIGHTS.get(mu.device)
     if weights is None:
-        weights = _WEIGHTS[mu.device] = torch.from_numpy(dist.WEIGHTS.copy()).to(mu.device)
+        weights = _WEIGHTS[mu.device] = torch.from_numpy(weights_table.copy()).to(mu.device)
     cdf = torch.empty((n, MAX_SYMBOLS + 1), dtype=dtype, device=mu.device)
     if n:
-        shapes, scales, dq = dist.WEIGHTS.shape
+        shapes, scales, dq = weights_table.shape
         grid = (triton.cdiv(n, rows_per_program),)
         _expand_cdf_kernel[grid](weights, mu, shape_scale, num_symbols, cdf, n,
                                  ROWS=rows_per_program, MAXS=MAX_SYMBOLS, PREC=PREC_BITS,

@@ -20,17 +20,14 @@ from kvstore.kernels.sparse_common import (
 )
 
 from kvstore.errors import InvalidArgument
+from kvstore.models.rope import rotate
 
 
 def rope_rotate_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                           scaling: float) -> torch.Tensor:
-    """Llama RoPE (rotate-half form) of ``x [..., D]`` at ``positions`` (shape ``x.shape[:-1]``
-    or broadcastable to it), in float32."""
-    angles = positions.float()[..., None] * inv_freq.float()  # [..., D/2]
-    cos, sin = angles.cos() * scaling, angles.sin() * scaling
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """The kernels' RoPE in PyTorch: ``kvstore.models.rope.rotate`` (Llama rotate-half form of
+    ``x [..., D]`` at ``positions``, in float32)."""
+    return rotate(x, positions, inv_freq, scaling)
 
 
 def gather_reference(src: torch.Tensor, offsets: torch.Tensor, blocks: torch.Tensor,

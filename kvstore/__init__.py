@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kvstore._version import __version__
 from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
@@ -18,8 +19,6 @@ from kvstore.errors import (
     Unavailable,
 )
 from kvstore.layout import KVLayout
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from kvstore.client import AsyncClient, Client

@@ -39,6 +39,7 @@ from kvstore.arena_file import (
     ArenaReader,
     Extent,
     FreeList,
+    Placement,
     create_file,
     prefault,
     remove_stale_files,
@@ -80,12 +81,6 @@ class _Reservation:
     adopted: dict[int, _Slot] = field(default_factory=dict)  # extent index -> indexed slot
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """An object already written into reserved arena space: extent ``index`` of a reservation."""
-
-    reservation_id: int
-    index: int
 
 
 def _unlink_quietly(path: str) -> None:
@@ -129,7 +124,10 @@ class Arena:
         # Unlink the file when the arena is collected or the interpreter exits unclosed.
         self._unlink = weakref.finalize(self, _unlink_quietly, self.path)
         self._view = memoryview(self._map)
-        threading.Thread(target=prefault, args=(self._map,), name="kvstore-arena-prefault",
+        # Set once every page is faulted in (or prefaulting gave up): the daemon reports
+        # NOT_SERVING on its health service until then (server/app.py).
+        self.prefaulted = threading.Event()
+        threading.Thread(target=self._prefault, name="kvstore-arena-prefault",
                          daemon=True).start()
         self._free = FreeList(self.capacity_bytes, HEADER_BYTES)
         self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
@@ -140,6 +138,12 @@ class Arena:
         self._closed = False
         self.used_bytes = 0  # bytes of live objects (unaligned)
         self.evictions = 0
+
+    def _prefault(self) -> None:
+        try:
+            prefault(self._map)
+        finally:
+            self.prefaulted.set()
 
     def identity(self) -> ArenaIdentity:
         return ArenaIdentity(self.path, self.file_bytes, self.nonce, self.hugepages)

@@ -60,6 +60,14 @@ class Extent:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """An object already written into reserved arena space: extent ``index`` of a reservation."""
+
+    reservation_id: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class ArenaIdentity:
     """What a client needs to map an arena and prove it is the daemon's."""
 

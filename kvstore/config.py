@@ -47,12 +47,27 @@ def default_data_dir() -> str:
 @dataclass(slots=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"  # HOST:PORT to bind; port 0 picks a free port
-    allow_remote: bool = False  # must be true to bind anything but a loopback address
+    # Bind a non-loopback address without TLS (anyone on the path reads the KV and the
+    # bearer tokens). Without it a non-loopback bind needs tls_cert_file/tls_key_file.
+    allow_insecure_remote: bool = False
     max_message_bytes: int = 64 * MiB  # largest gRPC message in either direction
+    # Most token ids one request may carry (Lookup, Put, Get, ...); more is refused
+    # with INVALID_ARGUMENT before anything is hashed. Default 4,194,304 (16 MiB of ids).
+    max_request_tokens: int = 1 << 22
+    # Most chunk keys one request may address (tokens / chunk_tokens): each costs a
+    # hash and a lookup, so a tiny chunk_tokens cannot make one call hash for seconds.
+    # More is refused with INVALID_ARGUMENT. Default 65,536 (16M tokens at 256 a chunk).
+    max_request_chunks: int = 1 << 16
     tls_cert_file: str | None = None  # PEM certificate; with tls_key_file turns TLS on
-    tls_key_file: str | None = None  # PEM private key
+    tls_key_file: str | None = None  # PEM private key of tls_cert_file
+    # PEM CA bundle of client certificates: set = mutual TLS, a client without a
+    # certificate signed by it cannot connect. Needs TLS. Unset = no client certificates.
+    tls_client_ca_file: str | None = None
     tokens: dict[str, str] = field(default_factory=dict)  # bearer token -> tenant; {} = no auth
     drain_timeout_s: float = 10.0  # on SIGTERM, wait this long for in-flight calls
+    # On SIGTERM, report NOT_SERVING on the health service this long while still serving,
+    # so load balancers stop routing here before the drain refuses new calls. Default 1.0.
+    drain_notice_s: float = 1.0
     io_threads: int = 4  # threads doing tier I/O off the event loop
     metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics; None = off
     # Serve same-host clients references into the DRAM arena (AttachArena, LeaseChunks)
@@ -136,30 +151,110 @@ class EngineConfig:
 
 
 @dataclass(slots=True)
+class TenantsConfig:
+    # Tenant -> byte quota of the objects it stores (chunks and blobs, each counted once
+    # whatever tiers hold it); a tenant not named here has no quota. Default {}.
+    quota_bytes: dict[str, int] = field(default_factory=dict)
+    # What a put over its tenant's quota does: "refuse" (RESOURCE_EXHAUSTED) or "evict"
+    # (drop that tenant's own oldest objects until it fits; never another tenant's).
+    over_quota: str = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.over_quota not in ("refuse", "evict"):
+            raise InvalidArgument(f"tenants.over_quota must be 'refuse' or 'evict', got "
+                                  f"{self.over_quota!r}")
+
+
+@dataclass(slots=True)
+class LogConfig:
+    level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
+    # "text": one key=value line per event; "json": one JSON object per line. Default text.
+    format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("text", "json"):
+            raise InvalidArgument(f"log.format must be 'text' or 'json', got {self.format!r}")
+        if self.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise InvalidArgument(f"log.level must be DEBUG, INFO, WARNING or ERROR, got "
+                                  f"{self.level!r}")
+
+
+@dataclass(slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tiers: TiersConfig = field(default_factory=TiersConfig)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    """Instantiate a config dataclass from a dict, refusing unknown keys and bad types."""
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One thing wrong with a configuration."""
+
+    key: str  # dotted key it is about, e.g. "server.listen"
+    message: str  # what was expected and what was seen
+    line: int | None = None  # 1-based line of the key in the TOML file; None if not from it
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        message = self.message
+        if message.startswith(self.key + " "):  # "x.y must be ..." already names the key
+            return f"{where}{message}"
+        return f"{where}{self.key}: {message}"
+
+
+def _build(cls: type, data: Any, where: str, problems: list[ConfigProblem]) -> Any:
+    """Instantiate a config dataclass from a dict; every bad key is added to ``problems``
+    (and left at its default), so one pass reports every error of a file."""
     if not isinstance(data, dict):
-        raise InvalidArgument(f"[{where}] must be a table, got {type(data).__name__}")
+        problems.append(ConfigProblem(where, f"must be a table, got {type(data).__name__}"))
+        return cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
+        dotted = f"{where}.{key}" if where else key
         if key not in fields:
-            raise InvalidArgument(f"unknown config key {where}.{key}; known: {sorted(fields)}")
+            problems.append(ConfigProblem(dotted, f"unknown config key; known in "
+                                          f"[{where or 'top level'}]: {sorted(fields)}"))
+            continue
         ftype = str(fields[key].type)
         sub = globals().get(ftype)
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value, f"{where}.{key}")
-        elif key.endswith("_bytes") and value is not None:
-            kwargs[key] = parse_bytes(value)
-        else:
-            kwargs[key] = _check_type(value, ftype, f"{where}.{key}")
-    return cls(**kwargs)
+        try:
+            if isinstance(sub, type) and dataclasses.is_dataclass(sub):
+                kwargs[key] = _build(sub, value, dotted, problems)
+            else:
+                kwargs[key] = _check_value(key, value, ftype, dotted)
+        except InvalidArgument as exc:
+            problems.append(ConfigProblem(dotted, str(exc)))
+    while True:
+        try:
+            return cls(**kwargs)
+        except InvalidArgument as exc:  # a __post_init__ check: attribute it to its key
+            named = [k for k in kwargs if f"{where}.{k}" in str(exc)] or list(kwargs)
+            if not named:
+                raise  # the defaults themselves are invalid: a bug, not a config error
+            problems.append(ConfigProblem(f"{where}.{named[0]}".strip("."), str(exc)))
+            del kwargs[named[0]]
+
+
+def _check_value(key: str, value: Any, ftype: str, where: str) -> Any:
+    if ftype.startswith("dict"):
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"must be a table, got {value!r}")
+        is_bytes = key.endswith("_bytes")
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if is_bytes:
+                out[k] = parse_bytes(v)
+            elif not isinstance(v, str):
+                raise InvalidArgument(f"[{k!r}] must be a string, got {v!r}")
+            else:
+                out[k] = v
+        return out
+    if key.endswith("_bytes") and value is not None:
+        return parse_bytes(value)
+    return _check_type(value, ftype, where)
 
 
 def _check_type(value: Any, ftype: str, where: str) -> Any:
@@ -176,20 +271,27 @@ def _check_type(value: Any, ftype: str, where: str) -> Any:
     return value
 
 
-def load_config(path: str | os.PathLike[str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
-    """Read the TOML at ``path`` (else $KVSTORE_CONFIG, else defaults), then apply overrides.
+def read_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None
+                ) -> tuple[Config, list[ConfigProblem], str]:
+    """Like ``load_config`` but returns every problem instead of raising on the first.
 
-    ``overrides`` maps dotted keys to values, e.g. ``{"server.listen": "0.0.0.0:1"}``.
+    Returns:
+        (config with bad keys left at their defaults, problems, the TOML text read).
+
+    Raises:
+        InvalidArgument: the file cannot be read or is not TOML at all.
     """
     path = path or os.environ.get(CONFIG_ENV) or None
     data: dict[str, Any] = {}
+    text = ""
     if path is not None:
         try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
+            text = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"cannot read config file {path}: {exc}") from exc
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from exc
     for dotted, value in (overrides or {}).items():
@@ -198,4 +300,60 @@ def load_config(path: str | os.PathLike[str] | None = None,
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return _build(Config, data, "config")
+    problems: list[ConfigProblem] = []
+    config = _build(Config, data, "", problems)
+    lines = key_lines(text)
+    return config, [_with_line(p, lines) for p in problems], text
+
+
+def _with_line(problem: ConfigProblem, lines: dict[str, int]) -> ConfigProblem:
+    key = problem.key
+    while key and key not in lines:  # a value inside an inline table: its parent's line
+        key = key.rpartition(".")[0]
+    return dataclasses.replace(problem, line=lines.get(key))
+
+
+_TABLE_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
+                     r"(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Dotted key (and table) -> the 1-based line defining it in a TOML text.
+
+    A line scanner, not a parser: enough to point an error at its line. Keys inside
+    inline tables and multi-line values are not located (their parent key is).
+    """
+    found: dict[str, int] = {}
+    table = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _TABLE_RE.match(line)
+        if m:
+            table = _dotted(m.group(1))
+            found.setdefault(table, number)
+            continue
+        m = _KEY_RE.match(line)
+        if m:
+            key = _dotted(m.group(1))
+            found.setdefault(f"{table}.{key}" if table else key, number)
+    return found
+
+
+def _dotted(raw: str) -> str:
+    parts = re.findall(r"\"[^\"]*\"|'[^']*'|[^.\s]+", raw)
+    return ".".join(p.strip("\"'") for p in parts)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read the TOML at ``path`` (else $KVSTORE_CONFIG, else defaults), then apply overrides.
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"server.listen": "0.0.0.0:1"}``.
+
+    Raises:
+        InvalidArgument: naming every bad key (``kvstore config check FILE`` adds lines).
+    """
+    config, problems, _ = read_config(path, overrides)
+    if problems:
+        raise InvalidArgument("bad configuration: " + "; ".join(map(str, problems)))
+    return config

@@ -26,10 +26,11 @@ import logging
 import threading
 from collections.abc import Collection, Sequence
 
-from kvstore.arena import Placement
+from kvstore.arena_file import Placement
 from kvstore.config import Config, EngineConfig
 from kvstore.errors import CapacityExhausted, InvalidArgument, Unavailable
 from kvstore.keys import ChunkKey
+from kvstore.quotas import TenantQuotas, TenantUsage
 from kvstore.tiers.base import Tier, TierStats
 from kvstore.tiers.cpu import CpuTier
 from kvstore.tiers.disk import DiskTier
@@ -56,9 +57,11 @@ class Engine:
         tiers: Sequence[Tier],
         *,
         write_through_tiers: Collection[str] = (),
+        quotas: TenantQuotas | None = None,
     ) -> None:
         """Args:
         config: write policy and flush interval.
+        quotas: per-tenant byte quotas; None = no tenant is limited.
         tiers: fastest first; ``tiers[0]`` must be a `CpuTier` whose ``on_evict`` is
             unset: the engine takes it over to demote evicted chunks.
         write_through_tiers: names of tiers below DRAM that get every put synchronously.
@@ -69,6 +72,7 @@ class Engine:
         self._check_tiers(config, tiers, write_through_tiers)
         self._config = config
         self._tiers: list[Tier] = list(tiers)
+        self._quotas = quotas
         cpu = tiers[0]
         assert isinstance(cpu, CpuTier)  # checked above
         self._cpu = cpu
@@ -126,12 +130,27 @@ class Engine:
             tiers.append(RedisTier(config.tiers.redis))
             if config.tiers.redis.write_through:
                 write_through.add("redis")
-        return cls(config.engine, tiers, write_through_tiers=write_through)
+        quotas = TenantQuotas(config.tenants)
+        return cls(config.engine, tiers, write_through_tiers=write_through, quotas=quotas)
 
     @property
     def dram(self) -> CpuTier:
         """The DRAM tier (its arena serves same-host clients' leases)."""
         return self._cpu
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        """The tiers, fastest first."""
+        return tuple(self._tiers)
+
+    def tenant_usage(self) -> dict[str, TenantUsage]:
+        """Bytes stored and quota figures per tenant ({} without quotas)."""
+        return {} if self._quotas is None else self._quotas.usage()
+
+    def _stored_mask(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which ``keys`` some tier holds (one contains_many per tier)."""
+        present = [tier.contains_many(keys) for tier in self._tiers]
+        return [any(column) for column in zip(*present, strict=True)] if keys else []
 
     @property
     def _is_write_back(self) -> bool:
@@ -209,24 +228,38 @@ class Engine:
 
     # -- writes -------------------------------------------------------------------
 
-    def put(self, key: ChunkKey, obj: bytes | memoryview, *,
+    def put(self, key: ChunkKey, obj: bytes | memoryview, tenant: str | None = None, *,
             placed: Placement | None = None) -> bool:
         """Store ``obj`` under ``key`` according to the write policy.
 
-        ``placed``: ``obj`` is a view of reserved DRAM arena space a same-host client
-        wrote (``server/local.py``); DRAM indexes it in place, and the tiers below
-        get the same view (pinned until the commit ends), so no byte is copied.
+        Args:
+            tenant: whose object it is (its bytes count against that tenant's quota).
+            placed: ``obj`` is a view of reserved DRAM arena space a same-host client
+                wrote (``server/local.py``); DRAM indexes it in place, and the tiers
+                below get the same view (pinned until the commit ends): no byte is copied.
 
         Returns:
             True if newly stored; False if some tier already held the key (objects
             are content-addressed, so it is not rewritten).
 
         Raises:
-            CapacityExhausted: every tier refused the object.
+            CapacityExhausted: every tier refused the object, or the tenant is over
+                its quota and ``tenants.over_quota`` refuses.
         """
         self._check_open()
         if self.contains(key):
             return False
+        if tenant is None or self._quotas is None:
+            return self._put_new(key, obj, placed)
+        self._quotas.admit(tenant, key, len(obj), stored=self._stored_mask, delete=self.delete)
+        try:
+            return self._put_new(key, obj, placed)
+        except BaseException:
+            self._quotas.forget(key)
+            raise
+
+    def _put_new(self, key: ChunkKey, obj: bytes | memoryview,
+                 placed: Placement | None) -> bool:
         in_dram = self._cpu.put(key, obj, placed=placed)
         num_stored = int(in_dram)
         for tier in self._tiers[1:]:
@@ -253,6 +286,8 @@ class Engine:
                 self._num_deletes += 1
                 self._dirty.pop(key, None)
             found = [tier.delete(key) for tier in self._tiers]
+        if self._quotas is not None:
+            self._quotas.forget(key)
         return any(found)
 
     def flush(self) -> None:

@@ -36,5 +36,9 @@ class PermissionDenied(KVStoreError):
     """The caller's credentials do not allow this (missing/bad token, foreign tenant)."""
 
 
+class Unauthenticated(PermissionDenied):
+    """The call carries no credentials the daemon knows (missing or unknown bearer token)."""
+
+
 class DeadlineExceeded(Unavailable):
     """The caller's deadline passed before the daemon answered."""

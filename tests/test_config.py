@@ -13,7 +13,7 @@ from kvstore.errors import InvalidArgument
 def test_defaults_bind_loopback_with_dram_and_disk() -> None:
     config = load_config()
     assert config.server.listen == "127.0.0.1:50051"
-    assert not config.server.allow_remote
+    assert not config.server.allow_insecure_remote
     assert config.tiers.disk.enabled and config.tiers.redis.url is None
 
 
@@ -37,10 +37,10 @@ def test_env_var_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("[server]\nlisten_port = 1\n", "unknown config key config.server.listen_port"),
+        ("[server]\nlisten_port = 1\n", "line 2: server.listen_port: unknown config key"),
         ("[engine]\nwrite_policy = \"sometimes\"\n", "write_policy"),
         ("[tiers.cpu]\ncapacity_bytes = \"lots\"\n", "byte size"),
-        ("[server]\nallow_remote = \"yes\"\n", "allow_remote must be bool"),
+        ("[server]\nallow_insecure_remote = \"yes\"\n", "allow_insecure_remote must be bool"),
         ("[server\n", "not valid TOML"),
     ],
 )

@@ -116,3 +116,18 @@ def test_reads_after_kill_9_are_exact_or_misses(tmp_path, layout):
             assert num_exact > 0  # flushed sequences survived the crash
     finally:
         daemon.stop()
+
+
+def test_second_daemon_on_a_bound_address_refuses_to_start(tmp_path):
+    first = Daemon(tmp_path, tmp_path / "data-1")
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "kvstore", "serve", "--listen", first.address,
+             "--data-dir", str(tmp_path / "data-2")],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"cannot bind {first.address}" in second.stderr
+        assert "daemon listening" not in second.stderr
+        fetch_stats(first.address, timeout_s=5)  # the first one is untouched
+    finally:
+        assert first.stop() == 0

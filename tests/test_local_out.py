@@ -123,7 +123,7 @@ def test_async_client_reads_into_out_and_in_place(layout, server):
             out = np.empty(layout.shape(48), dtype=np.float16)
             got = await c.get(tokens, out=out)
             assert np.shares_memory(got, out)
-            async with c.view(tokens) as view:
+            async with await c.view(tokens) as view:
                 copies = [chunk.copy() for chunk in view.chunks]
             return out, copies
 

@@ -216,3 +216,23 @@ def test_eviction_racing_arena_reads_never_returns_torn_data(tmp_path, layout):
             stop.set()
             thread.join()
         assert wrong == []
+
+
+def test_arena_gets_count_as_dram_hits_in_stats_and_metrics(tmp_path, layout):
+    import urllib.request
+
+    from kvstore.client import fetch_stats
+
+    config = make_config(tmp_path / "data", **{"server.metrics_listen": "127.0.0.1:0"})
+    tokens, kv = make_tokens(64), make_kv(layout, 64)
+    with ServerThread(config) as server, Client(server.address, "m", layout,
+                                                transport="arena") as c:
+        c.put(tokens, kv)
+        for _ in range(3):
+            assert np.array_equal(c.get(tokens, as_numpy=True), kv)
+        cpu = next(t for t in fetch_stats(server.address)["tiers"] if t["name"] == "cpu")
+        assert cpu["hits"] == 3 * 4  # 3 gets of 4 chunks, all read from the arena
+        assert cpu["read_bytes"] > 0
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'kvstore_tier_hits_total{tier="cpu"} 12.0' in text

@@ -161,14 +161,17 @@ def test_killed_writer_reservation_is_reclaimed_after_ttl(tmp_path, layout):
         "c = Client(ADDRESS, 'm', SMALL_LAYOUT, transport='arena')\n"
         "plan = proto.plan_put(SMALL_LAYOUT, make_tokens(64), make_kv(SMALL_LAYOUT, 64),"
         " position_free=False)\n"
-        "steps = ap.put_steps(c._local, 0, c._ns, SMALL_LAYOUT, plan, 'raw')\n"
+        "from kvstore.client._plan import Offload\n"
+        "steps = ap.put_steps(c._local, 0, c._ns, SMALL_LAYOUT, plan, 'raw', 10.0)\n"
         "stub, reply = c._conns.stub(0), None\n"
         "while True:\n"
         "    step = steps.send(reply)\n"
-        "    if isinstance(step, ap.Call) and step.method == 'CommitExtents':\n"
+        "    if isinstance(step, Offload):\n"
+        "        reply = step.fn(*step.args)\n"
+        "        continue\n"
+        "    if step.method == 'CommitExtents':\n"
         "        print('written', flush=True); time.sleep(600)\n"
-        "    reply = step.fn() if isinstance(step, ap.Work) else "
-        "getattr(stub, step.method)(step.request, timeout=10)\n"
+        "    reply = getattr(stub, step.method)(step.request, timeout=10)\n"
     )
     with ServerThread(config) as server:
         proc = subprocess.Popen([sys.executable, "-c",

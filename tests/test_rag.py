@@ -15,7 +15,7 @@ from kvstore.errors import InvalidArgument
 from kvstore.integrations.transformers import layout_for
 from kvstore.rag import build_cache, build_cache_naive, stored_chunk_tokens
 from tests.conftest import make_config
-from tests.integrations import smollm2, tiny_llama
+from tests.models import smollm2, tiny_llama
 
 _names = itertools.count()
 NUM_PROMPTS, NUM_CHUNKS, CHUNK_TOKENS, ANSWER_TOKENS = 4, 3, 96, 8
@@ -175,7 +175,7 @@ def test_build_cache_computing_chunks_after_the_prefix_lowers_kl_to_full_prefill
 @pytest.mark.model
 @pytest.mark.slow
 def test_build_cache_counts_reused_recomputed_and_prefilled_tokens(daemon):
-    from kvstore.integrations.smollm2 import sample_tokens
+    from kvstore.models.smollm2 import sample_tokens
 
     model, tokenizer = smollm2()
     _, chunks, query = _prompt(tokenizer, 0)
@@ -224,8 +224,8 @@ def test_build_cache_equals_full_prefill_for_a_random_llama_at_ratio_one(daemon)
 
 @torch.inference_mode()
 def test_blend_probe_reads_equal_the_models_attention_of_the_query_over_the_context():
-    from kvstore.integrations import _blend
-    from kvstore.integrations.transformers import kv_from_cache
+    from kvstore.models.cache import kv_from_cache
+    from kvstore.rag import blend as _blend
 
     model = tiny_llama()  # 4 query heads over 2 KV heads: checks the grouped-query mapping
     model.set_attn_implementation("eager")  # eager returns its attention weights
@@ -270,8 +270,8 @@ def test_build_cache_keeps_chunks_computed_after_different_leads_apart(daemon):
 
 @torch.inference_mode()
 def test_build_cache_stores_a_chunk_as_computed_after_its_lead_keys_at_position_zero(daemon):
-    from kvstore.integrations._rope import rope_spec, rotate_keys
-    from kvstore.integrations.transformers import kv_from_cache
+    from kvstore.models.cache import kv_from_cache
+    from kvstore.models.rope import rope_spec, rotate_keys
 
     model = tiny_llama()
     lead, chunk = [1, 2, 3], list(range(20, 45))

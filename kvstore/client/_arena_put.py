@@ -7,21 +7,17 @@ cache), so the daemon indexes the very bytes the client wrote after verifying
 them. A kvq object is encoded first (its size must be known to reserve) and
 copied in whole.
 
-The exchange is written once, as a generator of steps (``Call``: an RPC;
-``Work``: CPU work, which the asyncio driver runs on a worker thread), and driven
-by ``drive`` (blocking stubs) or ``adrive`` (grpc.aio stubs), so ``Client`` and
-``AsyncClient`` share every line of it.
+The exchange is a plan (``kvstore.client._plan``) that ``ClientCore.put`` runs,
+so ``Client`` and ``AsyncClient`` share every line of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import numpy as np
@@ -29,6 +25,7 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import _local as local
 from kvstore.client._codec import encode_chunk
+from kvstore.client._plan import Offload, Plan, Unary
 from kvstore.client._protocol import PutPlan
 from kvstore.client._status import error_from_rpc
 from kvstore.codec.format import (
@@ -49,27 +46,11 @@ _MIN_TTL_LEFT = 0.5
 
 
 @dataclass(frozen=True, slots=True)
-class Call:
-    """One unary RPC of the exchange."""
-
-    method: str  # stub attribute, e.g. "ReserveExtents"
-    request: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Work:
-    """CPU work of the exchange (copying, encoding)."""
-
-    fn: Callable[[], Any]
-
-
-@dataclass(frozen=True, slots=True)
 class PutResult:
     num_chunks_stored: int  # newly stored by this put
     num_chunks_present: int  # already stored, not written
 
 
-Steps = Generator[Call | Work, Any, PutResult]
 
 
 def raw_object_bytes(layout: KVLayout, num_tokens: int) -> int:
@@ -150,76 +131,38 @@ def _write_objects(writer: local.ArenaReader, extents: Sequence[pb.ChunkExtent],
 
 
 def put_steps(paths: local.LocalPath, index: int, namespace: pb.Namespace, layout: KVLayout,
-              plan: PutPlan, codec: str) -> Steps:
-    """The same-host put of ``plan``'s chunks as a sequence of steps (see module doc)."""
+              plan: PutPlan, codec: str, timeout_s: float) -> Plan[PutResult]:
+    """The same-host put of ``plan``'s chunks to address ``index``, as a plan."""
     arena = paths.mapped(index)
     if arena is None:
-        arena = local.attach((yield Call("AttachArena", pb.AttachArenaRequest())))
+        arena = local.attach((yield Unary(index, "AttachArena", pb.AttachArenaRequest(),
+                                          timeout_s)))
         paths.remember(index, arena)
     tokens = plan.tokens[: plan.num_chunks * plan.tokens_per_chunk].tobytes()
     first = 0
     if codec != "raw" and not plan.position_free:  # encode only what is missing
-        found = yield Call("Lookup", pb.LookupRequest(namespace=namespace, tokens_le_i32=tokens))
+        found = yield Unary(index, "Lookup", pb.LookupRequest(
+            namespace=namespace, tokens_le_i32=tokens), timeout_s)
         first = found.num_tokens // plan.tokens_per_chunk
         if first >= plan.num_chunks:
             return PutResult(0, plan.num_chunks)
-    objects = yield Work(lambda: _plan_objects(layout, plan, codec, first))
-    reserved = yield Call("ReserveExtents", pb.ReserveExtentsRequest(
+    objects = yield Offload(_plan_objects, (layout, plan, codec, first))
+    reserved = yield Unary(index, "ReserveExtents", pb.ReserveExtentsRequest(
         namespace=namespace, tokens_le_i32=tokens, position_free=plan.position_free,
-        first_chunk=first, object_bytes=objects.sizes, arena_nonce=arena.nonce))
+        first_chunk=first, object_bytes=objects.sizes, arena_nonce=arena.nonce), timeout_s)
     if reserved.reservation_id == 0:
         return PutResult(0, plan.num_chunks)
     deadline = time.monotonic() + reserved.ttl_ms / 1000 * _MIN_TTL_LEFT
     try:
-        writer = arena.writable()
-        yield Work(lambda: _write_objects(writer, reserved.extents, objects, plan, layout,
-                                          deadline))
+        yield Offload(_write_objects, (arena.writable(), reserved.extents, objects, plan,
+                                       layout, deadline))
     except BaseException:
-        yield Call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=reserved.reservation_id))
+        yield Unary(index, "ReleaseLease",
+                    pb.ReleaseLeaseRequest(lease_id=reserved.reservation_id), timeout_s)
         raise
-    done = yield Call("CommitExtents", pb.CommitExtentsRequest(
-        reservation_id=reserved.reservation_id))
+    done = yield Unary(index, "CommitExtents", pb.CommitExtentsRequest(
+        reservation_id=reserved.reservation_id), timeout_s)
     return PutResult(done.num_chunks_stored, first + done.num_chunks_present)
-
-
-def drive(steps: Steps, stub: Any, timeout_s: float, metadata: Any) -> PutResult:
-    """Run ``steps`` with a blocking stub."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        reply, error = None, None
-        try:
-            if isinstance(step, Work):
-                reply = step.fn()
-            else:
-                reply = getattr(stub, step.method)(step.request, timeout=timeout_s,
-                                                   metadata=metadata)
-        except Exception as exc:
-            error = exc
-
-
-async def adrive(steps: Steps, stub: Any, timeout_s: float, metadata: Any) -> PutResult:
-    """Run ``steps`` with a grpc.aio stub; CPU work runs on a worker thread."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        reply, error = None, None
-        try:
-            if isinstance(step, Work):
-                reply = await asyncio.to_thread(step.fn)
-            else:
-                reply = await getattr(stub, step.method)(step.request, timeout=timeout_s,
-                                                         metadata=metadata)
-        except Exception as exc:
-            error = exc
 
 
 def after_failure(paths: local.LocalPath, index: int, address: str, exc: Exception) -> object:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -42,27 +42,55 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-def read_ca(tls_ca_file: str | None) -> bytes | None:
-    if tls_ca_file is None:
+def read_pem(path: str | None, what: str) -> bytes | None:
+    if path is None:
         return None
     try:
-        with open(tls_ca_file, "rb") as fh:
+        with open(path, "rb") as fh:
             return fh.read()
     except OSError as exc:
-        raise InvalidArgument(f"cannot read tls_ca_file {tls_ca_file}: {exc}") from exc
+        raise InvalidArgument(f"cannot read {what} {path}: {exc}") from exc
+
+
+def channel_credentials(tls_ca_file: str | None, tls_cert_file: str | None = None,
+                        tls_key_file: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials of a channel, or None for plaintext.
+
+    Args:
+        tls_ca_file: PEM CA bundle the daemon's certificate must chain to; set = TLS.
+        tls_cert_file, tls_key_file: the client's own certificate and key, for a daemon
+            that requires client certificates (``server.tls_client_ca_file``).
+
+    Raises:
+        InvalidArgument: one of cert/key without the other, a client certificate
+            without TLS, or an unreadable file.
+    """
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise InvalidArgument("a client certificate needs both tls_cert_file and tls_key_file, "
+                              f"got cert={tls_cert_file!r} key={tls_key_file!r}")
+    if tls_ca_file is None:
+        if tls_cert_file is not None:
+            raise InvalidArgument("tls_cert_file/tls_key_file need TLS: pass tls_ca_file too")
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(tls_ca_file, "tls_ca_file"),
+        private_key=read_pem(tls_key_file, "tls_key_file"),
+        certificate_chain=read_pem(tls_cert_file, "tls_cert_file"))
 
 
 class Connections:
     """Channels to a list of daemons and the failover loop over them."""
 
+    channel_api: Any = grpc  # grpc.aio for the asyncio client: same channel constructors
+
     def __init__(self, addresses: str | Sequence[str], *, token: str | None,
-                 tls_ca_file: str | None, timeout_s: float, max_message_bytes: int) -> None:
+                 tls_ca_file: str | None, timeout_s: float, max_message_bytes: int,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
         self.addresses = normalize_addresses(addresses)
         self.timeout_s = timeout_s
         self.metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._options = channel_options(max_message_bytes)
-        self._ca = read_ca(tls_ca_file)
-        self._is_tls = tls_ca_file is not None
+        self._credentials = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
         self._channels: dict[int, grpc.Channel] = {}
         self._current = 0
 
@@ -70,11 +98,11 @@ class Connections:
         channel = self._channels.get(index)
         if channel is None:
             address = self.addresses[index]
-            if self._is_tls:
-                creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
-                channel = grpc.secure_channel(address, creds, options=self._options)
+            if self._credentials is not None:
+                channel = self.channel_api.secure_channel(address, self._credentials,
+                                                          options=self._options)
             else:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = self.channel_api.insecure_channel(address, options=self._options)
             self._channels[index] = channel
         return frames.stub(channel)
 

@@ -115,16 +115,24 @@ class ArenaLease:
     ttl_s: float  # the lease ends by itself this long after it was granted
     _release: Any = field(default=None, repr=False)  # callable(lease_id) -> None
 
-    def release(self) -> None:
-        if self.lease_id and self._release is not None:
-            self._release(self.lease_id)
-        self.lease_id = 0
+    def release(self) -> Any:
+        """Unpin the chunks now; a lease from ``AsyncClient`` returns an awaitable."""
+        lease_id, self.lease_id = self.lease_id, 0
+        return None if self._release is None else self._release(lease_id)
 
     def __enter__(self) -> ArenaLease:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    async def __aenter__(self) -> ArenaLease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pending = self.release()
+        if pending is not None:
+            await pending
 
 
 def extents_of(resp: pb.LeaseChunksResponse) -> list[Extent]:

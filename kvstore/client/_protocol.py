@@ -17,8 +17,7 @@ Wire details the client relies on (see the proto for the fields):
 
 from __future__ import annotations
 
-import queue
-import threading
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,8 @@ from kvstore.codec.raw import decode_raw
 from kvstore.errors import Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import tokens_to_array
 from kvstore.layout import KVLayout
+
+log = logging.getLogger(__name__)
 
 PART_HEADROOM_BYTES = 64 << 10  # room for the PutRequest envelope around an object part
 # Put sends objects in parts of at most this size (or the message limit, if smaller):
@@ -94,6 +95,9 @@ def plan_put(layout: KVLayout, tokens: Any, kv: Any, *, position_free: bool) -> 
     data = to_storage(kv, layout)
     per_chunk = arr.size if position_free else layout.chunk_tokens
     num_chunks = 1 if position_free else arr.size // layout.chunk_tokens
+    if num_chunks == 0:  # only full chunks are stored (keys chain whole chunks)
+        log.debug("put of %d tokens stores nothing: shorter than one %d-token chunk",
+                  arr.size, layout.chunk_tokens)
     return PutPlan(arr, data, num_chunks, per_chunk, position_free)
 
 
@@ -312,31 +316,3 @@ def stats_to_dict(resp: pb.StatsResponse) -> dict[str, Any]:
     tiers = [{**{f: getattr(t, f) for f in fields}, "info": dict(t.info)} for t in resp.tiers]
     return {"tiers": tiers, "uptime_ms": resp.uptime_ms, "version": resp.version,
             "requests": resp.requests, "failed_requests": resp.failed_requests}
-
-
-def drained(stream: Any) -> Iterator[Any]:
-    """The messages of a response stream, read by a background thread as they arrive.
-
-    While the caller works on layer l, later layers keep arriving: without the
-    thread, gRPC's flow-control window fills and the daemon stalls until the caller
-    asks for the next message, so nothing would overlap. Errors are re-raised here.
-    """
-    messages: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    end = object()
-
-    def read() -> None:
-        try:
-            for msg in stream:
-                messages.put(msg)
-        except BaseException as exc:  # handed to the consuming thread
-            messages.put(exc)
-        messages.put(end)
-
-    threading.Thread(target=read, name="kvstore-get-layers", daemon=True).start()
-    try:
-        while (item := messages.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stream.cancel()  # a no-op once the stream ended; stops the reader if we quit early

@@ -12,6 +12,7 @@ from kvstore.errors import (
     KVStoreError,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -22,7 +23,7 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.DATA_LOSS: Corrupt,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 

@@ -12,14 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.codec.raw import NUMPY_STORAGE
 from kvstore.errors import InvalidArgument
 from kvstore.layout import KVLayout
 
-NUMPY_STORAGE: dict[str, np.dtype] = {
-    "float16": np.dtype("<f2"),
-    "bfloat16": np.dtype("<u2"),  # bit pattern
-    "float32": np.dtype("<f4"),
-}
 # (kind, itemsize) -> dtype name, so either byte order is recognised.
 _NUMPY_DTYPE_NAMES = {("f", 2): "float16", ("f", 4): "float32", ("u", 2): "bfloat16"}
 
@@ -52,8 +48,7 @@ def to_storage(kv: Any, layout: KVLayout) -> np.ndarray:
 def _torch_to_storage(kv: Any, layout: KVLayout) -> np.ndarray:
     import torch
 
-    names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-    name = names.get(kv.dtype)
+    name = str(kv.dtype).removeprefix("torch.")  # "float16", "bfloat16", "float32", ...
     if name != layout.dtype:
         raise InvalidArgument(f"kv dtype is {kv.dtype}, layout dtype is {layout.dtype}")
     kv = kv.detach().to("cpu")

@@ -9,8 +9,6 @@ view can never be written through.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +37,15 @@ class ArenaView:
     objects: list[memoryview] = field(default_factory=list)
     num_tokens: int = 0  # tokens the views cover: len(chunks) * tokens per chunk
 
-    def release(self) -> None:
+    def verify(self, index: int) -> None:
+        """Check chunk ``index``'s checksum (for views opened with ``verify=False`` that
+        check each chunk right before reading it, while it is in cache); raises Corrupt."""
+        verify_object(self.objects[index])
+
+    def release(self) -> Any:
+        """Drop the views and end the lease (``AsyncClient``: returns an awaitable)."""
         self.chunks, self.objects = [], []
-        self.lease.release()
+        return self.lease.release()
 
     def __enter__(self) -> ArenaView:
         return self
@@ -49,11 +53,19 @@ class ArenaView:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    async def __aenter__(self) -> ArenaView:
+        return self
 
-def open_view(lease: ArenaLease, layout: KVLayout, tokens_per_chunk: int, *,
+    async def __aexit__(self, *exc: object) -> None:
+        pending = self.release()
+        if pending is not None:
+            await pending
+
+
+def open_view(lease: ArenaLease, layout: KVLayout, tokens_per_chunk: int,
               verify: bool) -> ArenaView:
     """Views of a lease's raw objects, checked against the layout (and their checksums
-    when ``verify``); the lease is released if a check fails.
+    when ``verify``); the caller releases the lease if a check fails.
 
     Raises:
         Corrupt: a header (or, with ``verify``, a checksum) is wrong.
@@ -62,52 +74,16 @@ def open_view(lease: ArenaLease, layout: KVLayout, tokens_per_chunk: int, *,
     view = ArenaView(lease, num_tokens=len(lease.extents) * tokens_per_chunk)
     storage = NUMPY_STORAGE[layout.dtype]
     shape = (layout.num_layers, 2, layout.num_kv_heads, tokens_per_chunk, layout.head_dim)
-    try:
-        for index, extent in enumerate(lease.extents):
-            obj = lease.reader.view(extent)
-            try:
-                header = _check_header(obj, index, layout, tokens_per_chunk)
-            except NotRaw as exc:
-                raise InvalidArgument(f"{exc}: compressed chunks cannot be read in place; "
-                                      "use get()") from None
-            if verify:
-                verify_object(obj)
-            table_end = HEADER_BYTES + 4 * header.num_sections
-            view.objects.append(obj)
-            view.chunks.append(np.frombuffer(obj[table_end:], dtype=storage).reshape(shape))
-    except BaseException:
-        view.release()
-        raise
-    return view
-
-
-class AsyncViewScope:
-    """``async with client.view(tokens) as view``: leases on enter, releases on exit."""
-
-    def __init__(self, open_lease: Callable[[], Awaitable[ArenaLease]],
-                 release: Callable[[int], Awaitable[None]], layout: KVLayout,
-                 tokens_per_chunk: int, verify: bool) -> None:
-        self._open_lease = open_lease
-        self._release = release
-        self._layout = layout
-        self._tokens_per_chunk = tokens_per_chunk
-        self._verify = verify
-        self._view: ArenaView | None = None
-
-    async def __aenter__(self) -> ArenaView:
-        lease = await self._open_lease()
-        lease_id = lease.lease_id
+    for index, extent in enumerate(lease.extents):
+        obj = lease.reader.view(extent)
         try:
-            self._view = await asyncio.to_thread(open_view, lease, self._layout,
-                                                 self._tokens_per_chunk, verify=self._verify)
-        except BaseException:
-            await self._release(lease_id)
-            raise
-        return self._view
-
-    async def __aexit__(self, *exc: Any) -> None:
-        view = self._view
-        if view is not None:
-            lease_id = view.lease.lease_id
-            view.release()  # drops the views (the lease has no sync release callback here)
-            await self._release(lease_id)
+            header = _check_header(obj, index, layout, tokens_per_chunk)
+        except NotRaw as exc:
+            raise InvalidArgument(f"{exc}: compressed chunks cannot be read in place; "
+                                  "use get()") from None
+        if verify:
+            verify_object(obj)
+        table_end = HEADER_BYTES + 4 * header.num_sections
+        view.objects.append(obj)
+        view.chunks.append(np.frombuffer(obj[table_end:], dtype=storage).reshape(shape))
+    return view

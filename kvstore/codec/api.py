@@ -20,14 +20,13 @@ from kvstore.codec.levels import level_by_name
 from kvstore.codec.raw import check_kv_array, decode_raw, encode_raw
 from kvstore.errors import InvalidArgument
 from kvstore.layout import KVLayout
-
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from kvstore.models.dtypes import TORCH_DTYPES
 
 
 def _as_storage(kv: Any, layout: KVLayout) -> np.ndarray:
     """A tensor or array in the layout's dtype -> numpy storage array (bf16 as uint16)."""
     if isinstance(kv, torch.Tensor):
-        if kv.dtype != _TORCH_DTYPES[layout.dtype]:
+        if kv.dtype != TORCH_DTYPES[layout.dtype]:
             raise InvalidArgument(f"kv dtype is {kv.dtype}, layout wants {layout.dtype}")
         t = kv.detach().cpu().contiguous()
         kv = t.view(torch.int16).numpy().view(np.uint16) if layout.dtype == "bfloat16" \
@@ -110,6 +109,10 @@ def decode_many(objects: Sequence[bytes | memoryview], *, device: Any = None
     """
     if device is None or torch.device(device).type == "cpu":
         return [decode(data) for data in objects]
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device={device!r} asks for a CUDA decode, but this torch has "
+                              "no usable CUDA device (torch.cuda.is_available() is False); "
+                              "pass device=None to decode on the CPU")
     return _decode_batched(objects, device)
 
 

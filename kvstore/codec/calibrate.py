@@ -33,7 +33,6 @@ it in their meta area. Decoding never needs the table (bins travel per section).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -212,26 +211,3 @@ def load_table(ref: str | Path) -> CalibrationTable:
         raise Corrupt(f"calibration table {path}: key weights are not "
                       f"{table.num_layers} x {channels} positive numbers")
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``kvstore calibrate``: measure the model's KV sensitivity and store a table."""
-    p = argparse.ArgumentParser(prog="kvstore calibrate", description=main.__doc__)
-    p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m"])
-    p.add_argument("--prefix-tokens", type=int, default=1024, help="cached context length")
-    p.add_argument("--eval-tokens", type=int, default=256, help="tokens scored after it")
-    p.add_argument("--offset", type=int, nargs="+", default=list(SAMPLE_OFFSETS),
-                   help="sample text offsets (chars), one sample each")
-    p.add_argument("--group-layers", type=int, default=5, help="layers sharing bins")
-    p.add_argument("--out", type=Path, default=None, help="table path (default: data dir)")
-    args = p.parse_args(argv)
-    from kvstore.codec.calibrate_model import calibrate
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    table = calibrate(args.model, args.prefix_tokens, args.eval_tokens, args.offset,
-                      args.group_layers)
-    path = save_table(table, args.out)
-    print(f"calibration table {table.table_id:016x} written to {path}")  # CLI output
-    for name, bins in table.levels.items():
-        print(f"  {name:14s} keys {bins['k']}  values {bins['v']}")
-    return 0

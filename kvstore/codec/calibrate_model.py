@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore._progress import Progress
 from kvstore.codec import section as sec
 from kvstore.codec.calibrate import (
     REFERENCE_BINS,
@@ -31,24 +32,21 @@ def prefill(model: Any, ids: list[int], num_prefix: int) -> np.ndarray:
     """Exact cache of the prefix, float32 ``[layers, 2, heads, tokens, dim]``."""
     import torch
 
+    from kvstore.models.cache import kv_from_cache
+
     with torch.no_grad():
         out = model(torch.tensor([ids[:num_prefix]]), use_cache=True)
-    cache = out.past_key_values
-    return np.stack([np.stack([lay.keys[0].float().numpy(), lay.values[0].float().numpy()])
-                     for lay in cache.layers])
+    return kv_from_cache(out.past_key_values, 0, num_prefix, torch.float32).numpy()
 
 
 def continuation_logprobs(model: Any, kv: np.ndarray, ids: list[int], num_prefix: int,
                           num_eval: int) -> Any:
     """Log-probs ``[num_eval, vocab]`` of the tokens after the prefix, given cache ``kv``."""
     import torch
-    from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    for i in range(kv.shape[0]):
-        k = torch.from_numpy(np.ascontiguousarray(kv[i, 0], dtype=np.float32))[None]
-        v = torch.from_numpy(np.ascontiguousarray(kv[i, 1], dtype=np.float32))[None]
-        cache.update(k, v, i)
+    from kvstore.models.cache import cache_from_kv
+
+    cache = cache_from_kv(model, torch.from_numpy(np.ascontiguousarray(kv, dtype=np.float32)))
     x = torch.tensor([ids[num_prefix : num_prefix + num_eval]])
     with torch.no_grad():
         logits = model(x, past_key_values=cache, use_cache=True).logits[0].float()
@@ -66,26 +64,22 @@ def query_mean_squares(model: Any, kv: np.ndarray, ids: list[int], num_prefix: i
     channel, ``[layers, kv_heads * head_dim]`` (summed over the query heads that
     share a kv head): what a key error in that channel is multiplied by."""
     import torch
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    cfg = model.config
+    from kvstore.models.arch import text_config
+    from kvstore.models.llama import capture_queries
+    from kvstore.models.rope import rotate_half
+
+    cfg = text_config(model)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    dim = cfg.hidden_size // heads
-    captured: list[Any] = []
-    hooks = [layer.self_attn.q_proj.register_forward_hook(
-                 lambda _m, _i, out: captured.append(out.detach()))
-             for layer in model.model.layers]
-    try:
-        logp = continuation_logprobs(model, kv, ids, num_prefix, num_eval)
-    finally:
-        for h in hooks:
-            h.remove()
+    dim = model.model.layers[0].self_attn.head_dim
+    logp, captured = capture_queries(
+        model, lambda: continuation_logprobs(model, kv, ids, num_prefix, num_eval))
     positions = torch.arange(num_prefix, num_prefix + num_eval)[None]
     rows = []
     for q in captured:
         q = q.view(1, num_eval, heads, dim).transpose(1, 2).float()
         cos, sin = model.model.rotary_emb(q, positions)
-        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
         ms = (q[0] ** 2).mean(1)  # [heads, dim]
         rows.append(ms.view(kv_heads, heads // kv_heads, dim).sum(1).reshape(-1).numpy())
     return logp, np.stack(rows).astype(np.float64)
@@ -120,15 +114,28 @@ class _Sample:
 
 
 def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence[int],
-              group_layers: int) -> CalibrationTable:
+              group_layers: int, progress: bool = True) -> CalibrationTable:
     """Measure key weights and group sensitivities on samples at ``offsets`` and build
-    a table (calibrate.py describes the three steps)."""
+    a table (calibrate.py describes the three steps); ``progress`` draws a bar on a
+    terminal's stderr."""
     import torch
 
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+    from kvstore.models.smollm2 import load_smollm2
 
     model, tokenizer = load_smollm2()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    num_groups = -(-model.config.num_hidden_layers // group_layers)
+    num_levels = sum(1 for level in LEVELS.values() if level.level_id)
+    with Progress("calibrate: prefill samples", len(offsets) + 2 * num_groups + num_levels,
+                  enabled=progress) as bar:
+        return _calibrate(model, tokenizer, model_name, num_prefix, num_eval, offsets,
+                          group_layers, bar)
+
+
+def _calibrate(model: Any, tokenizer: Any, model_name: str, num_prefix: int, num_eval: int,
+               offsets: Sequence[int], group_layers: int, bar: Progress) -> CalibrationTable:
+    from kvstore.models.smollm2 import sample_tokens
+
     samples, mean_squares = [], []
     for offset in offsets:
         ids = sample_tokens(tokenizer, num_prefix + num_eval, offset)
@@ -136,6 +143,7 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
         ref, ms = query_mean_squares(model, kv, ids, num_prefix, num_eval)
         samples.append(_Sample(ids, kv, ref))
         mean_squares.append(ms)
+        bar.advance(description="calibrate: sensitivity per layer group")
     num_layers, heads, dim = samples[0].kv.shape[0], samples[0].kv.shape[2], samples[0].kv.shape[4]
     layout = KVLayout(num_layers, heads, dim, "float16", 256)
     key_weights = normalise_weights(np.sqrt(np.mean(mean_squares, axis=0)))
@@ -155,6 +163,7 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
                 REFERENCE_BINS[kv_index] if i == kv_index and layer in group else None))
             log.info("%s layers %d-%d: KL %.5f", name, group[0], group[-1], kl)
             sens[name].append(kl)
+            bar.advance(description="calibrate: levels")
     first = make_table(model_name, layout, group_layers, sens, key_weights)
     targets = {}
     for level in LEVELS.values():
@@ -165,4 +174,5 @@ def calibrate(model_name: str, num_prefix: int, num_eval: int, offsets: Sequence
         targets[level.name] = level.target_kl * min(1.0, level.target_kl / kl)
         log.info("%s: measured KL %.5f (target %.5f) -> allocation target %.5f",
                  level.name, kl, level.target_kl, targets[level.name])
+        bar.advance()
     return make_table(model_name, layout, group_layers, sens, key_weights, targets)

@@ -38,13 +38,15 @@ from typing import cast
 import numpy as np
 import torch
 
+from kvstore.codec import dist
 from kvstore.codec import section as sec
 from kvstore.codec.format import ParsedObject
 from kvstore.codec.kvq import value_kind
 from kvstore.codec.quant import RATIO
+from kvstore.codec.rans import decode_flat
 from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.models.dtypes import TORCH_DTYPES
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ALIGN = 8  # every array of the packed buffer starts at a multiple of 8 bytes
 _RATIO: dict[torch.device, torch.Tensor] = {}
 
@@ -183,11 +185,14 @@ def _add_lanes(p: _Packer, views: list[sec.SectionView], channels: int) -> None:
 def _launch_lanes(shipped: list[torch.Tensor], cpl: int, tokens: int, out_dim: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """CDF expansion and lane decode over ``_add_lanes``' arrays: (symbols, lane ok)."""
-    from kvstore.kernels.kvq_decode import expand_cdfs, launch_decode_lanes
+    from kvstore.kernels import kvq_decode as kernel
 
+    if (kernel.PREC_BITS, kernel.MAX_SYMBOLS) != (dist.PREC_BITS, dist.MAX_SYMBOLS):
+        raise InvalidArgument("kernel constants disagree with kvstore.codec.dist")
     words, starts, ends, mu, ss, bins = shipped
-    return launch_decode_lanes(words, starts, ends, expand_cdfs(mu, ss, bins), cpl, tokens,
-                               out_dim=out_dim, num_symbols=bins)
+    cdfs = kernel.expand_cdfs(mu, ss, bins, dist.WEIGHTS)
+    return kernel.launch_decode_lanes(words, starts, ends, cdfs, cpl, tokens, out_dim=out_dim,
+                                      num_symbols=bins)
 
 
 def _pack_group(g: _Group, pin: bool) -> None:
@@ -224,7 +229,7 @@ def _decode_group(g: _Group, device: torch.device) -> _Launched:
     ratio = _RATIO.get(device)
     if ratio is None:
         ratio = _RATIO[device] = torch.from_numpy(RATIO.copy()).to(device)
-    out = torch.empty((nl, 2, g.heads, g.tokens, g.dim), dtype=_TORCH_DTYPES[g.dtype],
+    out = torch.empty((nl, 2, g.heads, g.tokens, g.dim), dtype=TORCH_DTYPES[g.dtype],
                       device=device)
     # Keys: mins[c] + q * (base * RATIO[code[c]] / (A - 1)), per channel c = (head, d).
     kstep = kbase[:, None] * ratio[kcodes.view(nl, channels).long()] / ktop[:, None]
@@ -273,7 +278,7 @@ def prepare_many(objects: Sequence[ParsedObject], device: torch.device | str,
     for g in groups:
         _pack_group(g, pin=device.type == "cuda")
     empty = [(i, (0, 2, o.header.num_kv_heads, o.header.num_tokens, o.header.head_dim),
-              _TORCH_DTYPES[o.header.dtype])
+              TORCH_DTYPES[o.header.dtype])
              for i, (o, r) in enumerate(zip(objects, ranges, strict=True)) if not len(r)]
     return PreparedBatch(device, empty, groups, len(objects))
 
@@ -369,3 +374,18 @@ def decode_symbols(obj: ParsedObject, layers: range, device: torch.device | str
     if not bool(ok.all()):
         raise Corrupt("entropy-coded stream is damaged (lane state or length mismatch)")
     return views, symbols.view(len(views), channels, h.num_tokens)
+
+
+def decode_lanes_on_cpu(words: torch.Tensor, lane_start: torch.Tensor, lane_end: torch.Tensor,
+                        cdf: torch.Tensor, channels_per_lane: int,
+                        num_tokens: int) -> tuple[torch.Tensor, bool]:
+    """The CPU decode of ``kvstore.kernels.kvq_decode``'s lanes, its reference: (symbols
+    ``[C, T]`` uint8, all lanes intact)."""
+    w = words.cpu().numpy()
+    w = w.view(np.uint16) if w.dtype == np.int16 else w.astype(np.uint16)
+    symct = decode_flat(w, lane_start.cpu().numpy(), lane_end.cpu().numpy(),
+                        cdf.cpu().numpy().astype(np.int32), channels_per_lane, num_tokens,
+                        dist.MAX_SYMBOLS)
+    if symct is None:
+        return torch.zeros((cdf.shape[0], num_tokens), dtype=torch.uint8), False
+    return torch.from_numpy(symct), True

@@ -35,27 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.codec.format import verify_object
 from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.integrations._rope import check_layout
-from kvstore.layout import KVLayout
+from kvstore.models.arch import check_layout, layout_for
+from kvstore.models.cache import cache_from_kv, kv_from_cache
+from kvstore.models.dtypes import torch_dtype
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def layout_for(model: Any, dtype: str = "float16", chunk_tokens: int = 256) -> KVLayout:
-    """The KVLayout of ``model``'s cache, stored as ``dtype`` in chunks of ``chunk_tokens``."""
-    config = model.config.get_text_config(decoder=True)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return KVLayout(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        chunk_tokens=chunk_tokens,
-    )
+__all__ = ["as_token_list", "cache_from_kv", "generate", "kv_from_cache", "layout_for",
+           "load_prefix", "prefill", "store_new_chunks"]
 
 
 def as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
@@ -69,30 +57,6 @@ def as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
             )
         return [int(t) for t in input_ids.tolist()]
     return [int(t) for t in input_ids]
-
-
-def cache_from_kv(model: Any, kv: torch.Tensor) -> Any:
-    """A DynamicCache holding ``kv`` ([layers, 2, heads, tokens, dim]) in the model's dtype."""
-    from transformers import DynamicCache
-
-    param = next(model.parameters())
-    kv = kv.to(device=param.device, dtype=param.dtype)
-    cache = DynamicCache(config=model.config)
-    for i, layer in enumerate(cache.layers):
-        keys, values = kv[i, 0][None], kv[i, 1][None]  # [1, heads, tokens, dim] views
-        # Set the tensors directly: DynamicLayer.update would concatenate (copy) them.
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
-    return cache
-
-
-def kv_from_cache(cache: Any, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-    """Tokens ``[start, stop)`` of a DynamicCache as ``[layers, 2, heads, n, dim]`` in ``dtype``."""
-    per_layer = [
-        torch.stack((layer.keys[0, :, start:stop], layer.values[0, :, start:stop]))
-        for layer in cache.layers
-    ]
-    return torch.stack(per_layer).to(device="cpu", dtype=dtype)
 
 
 def _storage_tensor(arr: Any) -> torch.Tensor:
@@ -125,7 +89,8 @@ def _load_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     with _BUFFERS_LOCK:
         buf = _BUFFERS.pop(key, None)
         if buf is None or sys.getrefcount(buf) > _FREE_REFS:  # still viewed by a cache
-            buf = torch.empty(shape, dtype=dtype)
+            with torch.inference_mode(False):  # writable in and out of inference mode
+                buf = torch.empty(shape, dtype=dtype)
         _BUFFERS[key] = buf  # most recent last
         while len(_BUFFERS) > _MAX_BUFFERS:
             del _BUFFERS[next(iter(_BUFFERS))]
@@ -152,10 +117,11 @@ def _load_in_place(model: Any, client: Any, ids: list[int]) -> torch.Tensor | No
             per_chunk = first.shape[3]
             out = _load_buffer((*first.shape[:3], view.num_tokens, first.shape[4]),
                                param.dtype)
-            for index, (obj, chunk) in enumerate(zip(view.objects, view.chunks, strict=True)):
-                verify_object(obj)  # the chunk is then in cache for the conversion
+            for index, chunk in enumerate(view.chunks):
+                view.verify(index)  # the chunk is then in cache for the conversion
                 span = slice(index * per_chunk, (index + 1) * per_chunk)
-                out[:, :, :, span].copy_(_storage_tensor(chunk))
+                with torch.no_grad():
+                    out[:, :, :, span].copy_(_storage_tensor(chunk))
     except KVStoreError as exc:  # not on this host, refused, compressed or corrupt chunks
         log.debug("no in-place load of the prefix (%s); using get", exc)
         return None
@@ -185,7 +151,7 @@ def store_new_chunks(client: Any, ids: list[int], cache: Any, num_stored: int) -
     num_full = len(ids) // chunk * chunk
     if num_full <= num_stored:
         return
-    dtype = _TORCH_DTYPES[client.layout.dtype]
+    dtype = torch_dtype(client.layout.dtype)
     kv = kv_from_cache(cache, 0, num_full, dtype)
     stored = client.put(ids[:num_full], kv)
     log.debug("stored %d prefix tokens (%d were already stored)", stored, num_stored)

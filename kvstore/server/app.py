@@ -12,9 +12,10 @@ import ipaddress
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,13 +23,18 @@ from grpc_health.v1.health import aio as health_aio
 
 from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2, kvstore_pb2_grpc
-from kvstore.config import Config, ServerConfig
-from kvstore.errors import InvalidArgument
+from kvstore.config import Config, ConfigProblem, ServerConfig
+from kvstore.errors import InvalidArgument, Unavailable
 from kvstore.server.auth import Authenticator
 from kvstore.server.local import SameHostPolicy
-from kvstore.server.metrics import MetricsEndpoint, ServiceCounters
+from kvstore.server.metrics import ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
+from kvstore.server.prometheus import MetricsEndpoint
 from kvstore.server.service import KVStoreServicer
+from kvstore.server.wire import RequestLimits, lenient_deserializer
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +60,68 @@ def is_loopback(host: str) -> bool:
 
 
 def check_listen(config: ServerConfig) -> tuple[str, int]:
-    """Refuse a non-loopback bind unless ``allow_remote``; returns (host, port)."""
+    """Refuse a non-loopback bind without TLS unless ``allow_insecure_remote``.
+
+    Returns:
+        (host, port) to bind.
+    """
     host, port = split_listen(config.listen)
-    if not is_loopback(host) and not config.allow_remote:
+    if config.metrics_listen and not is_loopback(split_listen(config.metrics_listen)[0]):
+        log.warning("server.metrics_listen %s is not loopback: the Prometheus endpoint has no "
+                    "TLS or auth and names every tenant and namespace", config.metrics_listen)
+    if is_loopback(host):
+        return host, port
+    is_tls = config.tls_cert_file is not None
+    if not is_tls and not config.allow_insecure_remote:
         raise InvalidArgument(
-            f"server.listen is {config.listen!r}, which is not a loopback address; the "
-            "daemon binds only 127.0.0.1/::1/localhost unless server.allow_remote is true "
-            "(--allow-remote), preferably with TLS and tokens"
+            f"server.listen is {config.listen!r}, which is not a loopback address, and TLS "
+            "is off: anyone on the network path could read the KV and the bearer tokens. "
+            "Set server.tls_cert_file and server.tls_key_file, or server.allow_insecure_remote "
+            "= true (--allow-insecure-remote) on a network you trust"
         )
-    if not is_loopback(host) and not config.tokens:
-        log.warning("listening on %s without bearer tokens: anyone who can reach it can "
-                    "read and write every namespace", config.listen)
+    if not config.tokens and config.tls_client_ca_file is None:
+        log.warning("listening on %s without bearer tokens or client certificates: anyone "
+                    "who can reach it can read and write every namespace", config.listen)
     return host, port
 
 
+def server_problems(config: ServerConfig) -> list[ConfigProblem]:
+    """What would stop a daemon with this config from starting (bind, TLS files)."""
+    problems = []
+    for key, check in (("server.listen", check_listen), ("server.tls_cert_file",
+                                                          _server_credentials)):
+        try:
+            check(config)
+        except InvalidArgument as exc:
+            problems.append(ConfigProblem(key, str(exc)))
+    return problems
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {what} {path}: {exc}") from exc
+
+
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config; with ``tls_client_ca_file``, mutual TLS."""
     if config.tls_cert_file is None and config.tls_key_file is None:
+        if config.tls_client_ca_file is not None:
+            raise InvalidArgument("server.tls_client_ca_file needs TLS: set "
+                                  "server.tls_cert_file and server.tls_key_file too")
         return None
     if config.tls_cert_file is None or config.tls_key_file is None:
         raise InvalidArgument("TLS needs both server.tls_cert_file and server.tls_key_file, "
                               f"got cert={config.tls_cert_file!r} key={config.tls_key_file!r}")
-    try:
-        with open(config.tls_key_file, "rb") as fh:
-            key = fh.read()
-        with open(config.tls_cert_file, "rb") as fh:
-            cert = fh.read()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read the TLS key or certificate: {exc}") from exc
-    return grpc.ssl_server_credentials([(key, cert)])
+    key = _read_pem(config.tls_key_file, "server.tls_key_file")
+    cert = _read_pem(config.tls_cert_file, "server.tls_cert_file")
+    if config.tls_client_ca_file is None:
+        return grpc.ssl_server_credentials([(key, cert)])
+    client_ca = _read_pem(config.tls_client_ca_file, "server.tls_client_ca_file")
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=True)
 
 
 @dataclass(slots=True)
@@ -90,15 +130,24 @@ class ServerHandle:
 
     server: grpc.aio.Server
     port: int  # the bound port (the real one when the config said 0)
-    engine: Any  # kvstore.engine.Engine
+    engine: Engine
     executor: ThreadPoolExecutor  # tier I/O off the event loop
     health: health_aio.HealthServicer
     metrics: MetricsEndpoint | None  # Prometheus endpoint, if configured
     counters: ServiceCounters
+    ready_task: asyncio.Task[None] | None = None  # sets SERVING once the arena is prefaulted
 
-    async def shutdown(self, grace_s: float, *, close_engine: bool = True) -> None:
-        """Stop accepting calls, drain in-flight ones up to ``grace_s``, then flush."""
+    async def shutdown(self, grace_s: float, *, close_engine: bool = True,
+                       notice_s: float = 0.0) -> None:
+        """Report NOT_SERVING, keep serving ``notice_s``, then stop accepting calls, drain
+        in-flight ones up to ``grace_s``, and flush."""
         await self.health.enter_graceful_shutdown()
+        self.counters.mark_draining()
+        if self.ready_task is not None:
+            self.ready_task.cancel()
+        if notice_s > 0:
+            log.info("health is NOT_SERVING; still serving for %.1f s before the drain", notice_s)
+            await asyncio.sleep(notice_s)
         await self.server.stop(grace_s)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.executor.shutdown, True)
@@ -124,29 +173,40 @@ class _HandlerCapture:
 
 
 def _add_servicer(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
-    """Register the servicer with ``kvstore._frames.serialize`` as every response serializer.
+    """Register the servicer with ``kvstore._frames.serialize`` as every response serializer
+    and lenient request deserializers.
 
     The generated registration hard-wires ``SerializeToString``; Get's data messages
     are framed by hand instead (see ``kvstore._frames`` for why), so the handlers the
     generated code builds are captured and re-registered with the pass-through serializer.
+    Its ``FromString`` deserializers raise on bytes that do not parse, which gRPC
+    reports as UNKNOWN (with a traceback, before the caller is authenticated); the
+    lenient ones hand the servicer a ``MalformedRequest`` to refuse after auth.
     """
     capture = _HandlerCapture()
     kvstore_pb2_grpc.add_KVStoreServicer_to_server(servicer, capture)
-    handlers = {name: handler._replace(response_serializer=frames.serialize)
+    handlers = {name: handler._replace(
+                    response_serializer=frames.serialize,
+                    request_deserializer=lenient_deserializer(handler.request_deserializer))
                 for name, handler in capture.handlers.items()}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(capture.service, handlers),))
     server.add_registered_method_handlers(capture.service, handlers)
 
 
-def build_server(config: Config, engine: Any) -> ServerHandle:
+def build_server(config: Config, engine: Engine) -> ServerHandle:
     """Build and bind (not start) a server over ``engine``; call inside the event loop."""
     host, port = check_listen(config.server)
     credentials = _server_credentials(config.server)
     limit = config.server.max_message_bytes
+    limits = RequestLimits(max_tokens=config.server.max_request_tokens,
+                           max_chunks=config.server.max_request_chunks)
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
+        # gRPC sets SO_REUSEPORT by default: a second daemon on the same address would
+        # bind too and the kernel would split clients between two separate stores.
+        ("grpc.so_reuseport", 0),
     ])
     executor = ThreadPoolExecutor(max_workers=max(1, config.server.io_threads),
                                   thread_name_prefix="kvstore-io")
@@ -155,7 +215,8 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
     same_host = SameHostPolicy(enabled=config.server.same_host,
                                arena_for_tenants=config.server.arena_for_tenants)
     servicer = KVStoreServicer(engine, registry, Authenticator(config.server.tokens), executor,
-                               counters, max_message_bytes=limit, same_host=same_host)
+                               counters, max_message_bytes=limit, limits=limits,
+                               same_host=same_host)
     _add_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -167,20 +228,40 @@ def build_server(config: Config, engine: Any) -> ServerHandle:
             bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         executor.shutdown(wait=False)
-        raise InvalidArgument(f"cannot bind {address}: {exc}") from exc
+        raise InvalidArgument(f"cannot bind {address}: {exc} (is another daemon or program "
+                              "listening there? pick another --listen port)") from exc
     metrics = None
     if config.server.metrics_listen:
-        metrics = MetricsEndpoint(config.server.metrics_listen, counters, engine.stats)
+        metrics = MetricsEndpoint(config.server.metrics_listen, counters, engine)
     return ServerHandle(server, bound, engine, executor, health, metrics, counters)
 
 
 async def _start(handle: ServerHandle) -> None:
+    """Start serving; health says SERVING once the DRAM arena is prefaulted.
+
+    Until then the daemon answers (a call is correct, only its first writes to each
+    arena page are slower), but a readiness probe sees NOT_SERVING, so a load
+    balancer sends it traffic only at full speed.
+    """
+    for name in ("", SERVICE_NAME):
+        await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await handle.server.start()
+    handle.ready_task = asyncio.get_running_loop().create_task(_serve_when_ready(handle))
+
+
+async def _serve_when_ready(handle: ServerHandle) -> None:
+    prefaulted = handle.engine.dram.prefaulted
+    while not prefaulted.is_set():  # polled: a thread blocked on wait() would outlive a stop
+        await asyncio.sleep(0.05)
+    if handle.counters.is_draining:
+        return
     for name in ("", SERVICE_NAME):
         await handle.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    handle.counters.mark_ready()
+    log.info("ready: arena prefaulted, health SERVING")
 
 
-def create_server(config: Config, engine: Any | None = None) -> tuple[grpc.aio.Server, int]:
+def create_server(config: Config, engine: Engine | None = None) -> tuple[grpc.aio.Server, int]:
     """A bound, not yet started, grpc.aio server and its port (call inside the event loop).
 
     With ``engine`` None an engine is built from ``config`` (DRAM + disk); the
@@ -205,15 +286,16 @@ async def serve(config: Config) -> int:
     except BaseException:
         engine.close()
         raise
-    await _start(handle)
-    log.info("kvstore daemon listening on %s (port %d)", config.server.listen, handle.port)
+    # Handlers first: a SIGTERM sent as soon as the log says "listening" must drain.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await _start(handle)
+    log.info("kvstore daemon listening on %s (port %d)", config.server.listen, handle.port)
     await stop.wait()
     log.info("signal received: draining for up to %.1f s", config.server.drain_timeout_s)
-    await handle.shutdown(config.server.drain_timeout_s)
+    await handle.shutdown(config.server.drain_timeout_s, notice_s=config.server.drain_notice_s)
     return 0
 
 
@@ -224,7 +306,7 @@ class ServerThread:
     ...     Client(server.address, ...)
     """
 
-    def __init__(self, config: Config, engine: Any | None = None) -> None:
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
         self.config = config
         self._owns_engine = engine is None
         self._engine = engine
@@ -258,6 +340,18 @@ class ServerThread:
     def counters(self) -> ServiceCounters:
         assert self._handle is not None, "server not started"
         return self._handle.counters
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until health says SERVING (the arena is prefaulted).
+
+        Raises:
+            Unavailable: not ready within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.counters.is_ready:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"daemon not ready after {timeout_s} s (arena prefault)")
+            time.sleep(0.02)
 
     def start(self) -> ServerThread:
         if self._engine is None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import xxhash
@@ -21,6 +22,9 @@ from kvstore.errors import CapacityExhausted, Corrupt, DeadlineExceeded
 from kvstore.keys import ChunkKey
 from kvstore.server import objects
 from kvstore.server.metrics import ServiceCounters
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 # Room for a response's fields around its `data` when checking the message limit.
@@ -38,9 +42,9 @@ def check_deadline(context: grpc.aio.ServicerContext, done: int, total: int) -> 
 class ChunkStreamer:
     """Loads stored chunks through the engine and frames them as GetResponse bytes."""
 
-    def __init__(self, engine: Any, executor: Executor, counters: ServiceCounters,
+    def __init__(self, engine: Engine, executor: Executor, counters: ServiceCounters,
                  max_message_bytes: int) -> None:
-        self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
+        self._engine = engine  # blocking, thread-safe
         self._executor = executor
         self._counters = counters
         self._max_message_bytes = max_message_bytes
@@ -55,7 +59,11 @@ class ChunkStreamer:
             if encoded:
                 objects.verify_stored(obj)
                 return obj
-            return objects.stored_to_raw(obj)
+            started = time.perf_counter()
+            raw = objects.stored_to_raw(obj)
+            if raw is not obj:  # decoded (kvq) and re-packed raw: the daemon's codec work
+                self._counters.observe_codec("decode", time.perf_counter() - started)
+            return raw
         except Corrupt as exc:
             self._counters.count_corrupt_read()
             log.warning("dropping stored object %s: %s", key.hex()[:16], exc)

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.arena import Placement
-from kvstore.arena_file import host_boot_id
+from kvstore.arena_file import Placement, host_boot_id
 from kvstore.codec.format import HEADER_BYTES
 from kvstore.errors import CapacityExhausted, InvalidArgument, NotFound, PermissionDenied
 from kvstore.keys import ChunkKey, Namespace
@@ -106,14 +105,20 @@ def lease_run(engine: Any, keys: Sequence[ChunkKey], ttl_s: float) -> LeasedRun:
     dram = engine.dram
     num_stored = engine.lookup(keys)[0] if keys else 0
     lease_id, extents = dram.lease(keys[:num_stored], ttl_s)
+    # DRAM hits; a promoted chunk is counted where engine.get found it.
+    num_resident, resident_bytes = len(extents), sum(e.length for e in extents)
     for key in keys[len(extents):num_stored]:
         extent = dram.extend_lease(lease_id, key)
+        if extent is not None:
+            num_resident, resident_bytes = num_resident + 1, resident_bytes + extent.length
         # Not in DRAM: engine.get promotes it (None = deleted or corrupt meanwhile).
-        if extent is None and engine.get(key) is not None:
+        elif engine.get(key) is not None:
             extent = dram.extend_lease(lease_id, key)
         if extent is None:  # DRAM could not take it (full of leased bytes, too big)
             break
         extents.append(extent)
+    # The client copies these out of the arena: count them as the reads they are.
+    dram.count_leased_reads(num_resident, resident_bytes)
     if not extents:
         dram.release_lease(lease_id)
         lease_id = 0
@@ -199,7 +204,8 @@ def commit_run(engine: Any, registry: Any, reservation_id: int) -> tuple[int, in
         registry.register(plan.namespace)
         stored = 0
         for index, (view, (_, key)) in enumerate(zip(views, chunks, strict=True)):
-            stored += bool(engine.put(key, view, placed=Placement(reservation_id, index)))
+            stored += bool(engine.put(key, view, plan.namespace.tenant,
+                                      placed=Placement(reservation_id, index)))
         return stored, len(plan.keys) - stored
     finally:
         dram.finish_reservation(reservation_id)

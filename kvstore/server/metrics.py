@@ -1,22 +1,73 @@
-"""Request counters of the servicer and their Prometheus exposition.
+"""What the daemon counts about the calls it serves: requests, latencies, bytes, namespaces.
 
-The servicer counts into one ``ServiceCounters``; the Stats RPC and the
-Prometheus endpoint both read it, so the two never disagree. Tier counters
-(hits, misses per tier) are read from the engine at scrape time.
+The servicer counts into one ``ServiceCounters``; the Stats RPC and the Prometheus
+endpoint (``kvstore.server.prometheus``) both read it, so the two never disagree.
+Tier figures (hits, misses, fill, leases, breakers) are read from the engine at
+scrape time instead.
 """
 
 from __future__ import annotations
 
-import logging
+import bisect
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from kvstore.tiers.base import TierStats
+# Upper bounds (seconds) of the latency buckets: 0.25 ms (an arena lease) to 10 s.
+LATENCY_BUCKETS_S = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                     0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_NAMESPACES = 256  # distinct (tenant, namespace) label pairs; the rest count as "_other"
+OTHER_NAMESPACE = "_other"
 
-log = logging.getLogger(__name__)
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-bucket histogram of seconds, as Prometheus exposes it (not thread-safe)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; +Inf last
+    total_s: float = 0.0
+    num: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total_s += seconds
+        self.num += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound as Prometheus writes it, observations <= it), +Inf last."""
+        out, running = [], 0
+        for bound, n in zip((*map(repr, self.bounds), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.counts), self.total_s, self.num)
+
+
+NamespaceLabel = tuple[str, str]  # (tenant or "", namespace name)
+
+
+@dataclass(slots=True)
+class CounterSnapshot:
+    """A consistent copy of every ServiceCounters figure."""
+
+    requests: dict[str, int]  # RPCs started, by method
+    failures: dict[tuple[str, str], int]  # (method, status code name) -> RPCs that failed
+    received_bytes: int  # object bytes accepted by Put and PutBlob
+    sent_bytes: int  # data bytes sent by Get, GetBlob and FetchBlocks
+    corrupt_reads: int  # stored objects that failed verification on a read (misses)
+    latency: dict[str, Histogram]  # method -> seconds per call
+    codec: dict[str, Histogram]  # "decode" / "encode" -> seconds per object, daemon side
+    # (tenant, namespace, tier or "any", "hit" | "miss") -> chunks asked for by Lookup/Get
+    namespace_chunks: dict[tuple[str, str, str, str], int]
+    is_ready: bool  # health SERVING: the arena is prefaulted and no drain has begun
+    is_draining: bool  # SIGTERM (or stop) received
 
 
 @dataclass(slots=True)
@@ -29,6 +80,12 @@ class ServiceCounters:
     received_bytes: int = 0  # object bytes accepted by Put
     sent_bytes: int = 0  # data bytes streamed by Get
     corrupt_reads: int = 0  # stored objects that failed to parse on a read (served as misses)
+    latency: dict[str, Histogram] = field(default_factory=dict)  # method -> call durations
+    codec: dict[str, Histogram] = field(default_factory=dict)  # op -> per-object durations
+    namespace_chunks: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    is_ready: bool = False
+    is_draining: bool = False
+    _namespaces: set[NamespaceLabel] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count_request(self, method: str) -> None:
@@ -39,6 +96,31 @@ class ServiceCounters:
         with self._lock:
             self.failures[(method, status)] = self.failures.get((method, status), 0) + 1
 
+    def observe_latency(self, method: str, seconds: float) -> None:
+        with self._lock:
+            self.latency.setdefault(method, Histogram()).observe(seconds)
+
+    def observe_codec(self, op: str, seconds: float) -> None:
+        """One object's decode (kvq -> tensor) or encode (tensor -> raw object) in the daemon."""
+        with self._lock:
+            self.codec.setdefault(op, Histogram()).observe(seconds)
+
+    def count_lookup(self, tenant: str | None, namespace: str, num_chunks: int,
+                     num_found: int, found_per_tier: dict[str, int]) -> None:
+        """A Lookup or Get of ``num_chunks`` chunks: the leading ``num_found`` were stored
+        somewhere, ``found_per_tier[t]`` of them in tier t."""
+        with self._lock:
+            label = (tenant or "", namespace)
+            if label not in self._namespaces:
+                if len(self._namespaces) >= MAX_NAMESPACES:
+                    label = (tenant or "", OTHER_NAMESPACE)
+                else:
+                    self._namespaces.add(label)
+            for tier, found in (("any", num_found), *found_per_tier.items()):
+                for result, n in (("hit", found), ("miss", num_chunks - found)):
+                    key = (*label, tier, result)
+                    self.namespace_chunks[key] = self.namespace_chunks.get(key, 0) + n
+
     def add_bytes(self, *, received: int = 0, sent: int = 0) -> None:
         with self._lock:
             self.received_bytes += received
@@ -47,6 +129,14 @@ class ServiceCounters:
     def count_corrupt_read(self) -> None:
         with self._lock:
             self.corrupt_reads += 1
+
+    def mark_ready(self) -> None:
+        with self._lock:
+            self.is_ready = not self.is_draining
+
+    def mark_draining(self) -> None:
+        with self._lock:
+            self.is_ready, self.is_draining = False, True
 
     @property
     def uptime_s(self) -> float:
@@ -62,80 +152,11 @@ class ServiceCounters:
         with self._lock:
             return sum(self.failures.values())
 
-    def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int], int, int, int]:
-        """Copies of (requests, failures, received_bytes, sent_bytes, corrupt_reads)."""
+    def snapshot(self) -> CounterSnapshot:
         with self._lock:
-            return (dict(self.requests), dict(self.failures), self.received_bytes,
-                    self.sent_bytes, self.corrupt_reads)
-
-
-class _Collector:
-    """Prometheus collector reading ServiceCounters and tier stats at scrape time."""
-
-    def __init__(self, counters: ServiceCounters,
-                 tier_stats: Callable[[], Sequence[TierStats]]) -> None:
-        self._counters = counters
-        self._tier_stats = tier_stats
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        requests, failures, received, sent, corrupt = self._counters.snapshot()
-        fam = CounterMetricFamily("kvstore_requests", "RPCs started", labels=["method"])
-        for method, n in sorted(requests.items()):
-            fam.add_metric([method], n)
-        yield fam
-        fam = CounterMetricFamily("kvstore_failed_requests", "RPCs ended with a non-OK status",
-                                  labels=["method", "code"])
-        for (method, code), n in sorted(failures.items()):
-            fam.add_metric([method, code], n)
-        yield fam
-        fam = CounterMetricFamily("kvstore_bytes", "object bytes moved", labels=["direction"])
-        fam.add_metric(["received"], received)
-        fam.add_metric(["sent"], sent)
-        yield fam
-        yield CounterMetricFamily("kvstore_corrupt_reads", "stored objects served as misses "
-                                  "because they failed to parse", value=corrupt)
-        yield GaugeMetricFamily("kvstore_uptime_seconds", "seconds since start",
-                                value=self._counters.uptime_s)
-        yield from _tier_families(self._tier_stats())
-
-
-def _tier_families(stats: Sequence[TierStats]) -> Iterator[Any]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    counters = ("hits", "misses", "evictions", "corrupt", "errors", "puts", "read_bytes",
-                "written_bytes")
-    for name in counters:
-        fam = CounterMetricFamily(f"kvstore_tier_{name}", f"tier {name}", labels=["tier"])
-        for tier in stats:
-            fam.add_metric([tier.name], getattr(tier, name))
-        yield fam
-    for name in ("used_bytes", "capacity_bytes", "num_objects"):
-        fam = GaugeMetricFamily(f"kvstore_tier_{name}", f"tier {name}", labels=["tier"])
-        for tier in stats:
-            fam.add_metric([tier.name], getattr(tier, name))
-        yield fam
-
-
-class MetricsEndpoint:
-    """A Prometheus HTTP endpoint on its own registry (several daemons may share a process)."""
-
-    __slots__ = ("_httpd", "_thread", "port")
-
-    def __init__(self, listen: str, counters: ServiceCounters,
-                 tier_stats: Callable[[], Sequence[TierStats]]) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
-
-        host, _, port = listen.rpartition(":")
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(counters, tier_stats))  # type: ignore[arg-type]
-        self._httpd, self._thread = start_http_server(int(port), host.strip("[]") or "127.0.0.1",
-                                                      registry=registry)
-        self.port: int = self._httpd.server_port
-        log.info("Prometheus metrics on http://%s:%d/metrics", host or "127.0.0.1", self.port)
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+            return CounterSnapshot(
+                dict(self.requests), dict(self.failures), self.received_bytes,
+                self.sent_bytes, self.corrupt_reads,
+                {m: h.copy() for m, h in self.latency.items()},
+                {m: h.copy() for m, h in self.codec.items()},
+                dict(self.namespace_chunks), self.is_ready, self.is_draining)

@@ -53,7 +53,7 @@ class NamespaceRegistry:
         self._layouts: dict[NamespaceName, KVLayout] = {}
         self._path = Path(directory) / REGISTRY_FILE if directory is not None else None
         if self._path is not None:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._load()
 
     @property

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import InvalidArgument
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.server.objects import max_object_bytes
-from kvstore.server.wire import chunk_keys, tokens_from_bytes, tokens_per_chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,17 +39,16 @@ class PutAssembler:
     _last_done: int = -1  # last completed chunk index
 
     @classmethod
-    def from_header(cls, header: pb.PutHeader, namespace: Namespace) -> PutAssembler:
-        tokens: np.ndarray = tokens_from_bytes(header.tokens_le_i32,
-                                               position_free=header.position_free)
-        keys = chunk_keys(namespace, tokens, position_free=header.position_free)
-        per_chunk = tokens_per_chunk(namespace, tokens, position_free=header.position_free)
+    def from_header(cls, header: pb.PutHeader, namespace: Namespace, keys: list[ChunkKey],
+                    num_tokens: int) -> PutAssembler:
+        """The assembler of a stream whose header addresses ``keys`` (hashed by the caller,
+        off the event loop) of ``num_tokens`` tokens each."""
         if header.first_chunk > len(keys):
             raise InvalidArgument(f"first_chunk is {header.first_chunk}, the sequence has only "
                                   f"{len(keys)} full chunks")
         return cls(namespace=namespace, position_free=header.position_free, keys=keys,
-                   first_chunk=header.first_chunk, num_tokens=per_chunk,
-                   max_object_bytes=max_object_bytes(namespace, per_chunk))
+                   first_chunk=header.first_chunk, num_tokens=num_tokens,
+                   max_object_bytes=max_object_bytes(namespace, num_tokens))
 
     @property
     def num_chunks(self) -> int:

@@ -1,7 +1,9 @@
 """The grpc.aio servicer of kvstore.v1.KVStore: validates requests, calls the engine.
 
-Engine calls block (disk, Redis), so they run on a thread pool; the event loop
-only parses, validates and streams. Every handler is wrapped by ``_rpc`` /
+Engine calls block (disk, Redis), and so does hashing a request's tokens into
+chunk keys, so both run on a thread pool; the event loop only parses, validates
+and streams. A request is bounded (``server.max_request_tokens`` / ``_chunks``)
+before anything is hashed. Every handler is wrapped by ``_rpc`` /
 ``_rpc_stream``, which authenticate the caller, count the request, and turn any
 exception into a status code through ``kvstore.server.status``.
 """
@@ -11,38 +13,46 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+import numpy as np
 
-from kvstore import __version__
 from kvstore import _frames as frames
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore._version import __version__
 from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
     InvalidArgument,
-    PermissionDenied,
+    Unauthenticated,
 )
 from kvstore.keys import ChunkKey, Namespace
 from kvstore.server import blobs, local, objects
-from kvstore.server.auth import Authenticator
+from kvstore.server.auth import Authenticator, LeaseOwners
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
 from kvstore.server.metrics import ServiceCounters
 from kvstore.server.namespaces import NamespaceRegistry
 from kvstore.server.put import ChunkObject, PutAssembler
-from kvstore.server.status import abort_unauthenticated, abort_with, status_for
+from kvstore.server.status import RefusalLog, abort_unauthenticated, abort_with, status_for
 from kvstore.server.wire import (
+    RequestLimits,
+    check_parsed,
     chunk_keys,
     layers_from_proto,
     namespace_from_proto,
+    order_from_proto,
     tokens_from_bytes,
     tokens_per_chunk,
 )
+
+if TYPE_CHECKING:
+    from kvstore.engine import Engine
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,9 +64,10 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         tenant = await self._begin(method, context)
         try:
-            return await fn(self, request, context, tenant)
+            return await fn(self, _checked(request), context, tenant)
         except grpc.aio.AbortError:
             raise  # already counted where the abort was decided
         except asyncio.CancelledError:  # the caller went away or its deadline passed
@@ -64,6 +75,8 @@ def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except Exception as exc:  # every failure becomes a status code
             await self._fail(method, context, exc)
+        finally:
+            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 
@@ -74,9 +87,10 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
         tenant = await self._begin(method, context)
         try:
-            async for message in fn(self, request, context, tenant):
+            async for message in fn(self, _checked(request), context, tenant):
                 yield message
         except grpc.aio.AbortError:
             raise  # already counted where the abort was decided
@@ -85,26 +99,44 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
             raise
         except Exception as exc:
             await self._fail(method, context, exc)
+        finally:
+            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
+
+
+def _checked(request: Any) -> Any:
+    """The request, refused (InvalidArgument) if its bytes did not parse; a client
+    stream (Put) is checked message by message as it is read."""
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return check_parsed(request)
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield check_parsed(request)
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Serves every RPC of kvstore.v1.KVStore over one engine."""
 
-    def __init__(self, engine: Any, registry: NamespaceRegistry, authenticator: Authenticator,
+    def __init__(self, engine: Engine, registry: NamespaceRegistry, authenticator: Authenticator,
                  executor: Executor, counters: ServiceCounters, *,
-                 max_message_bytes: int,
+                 max_message_bytes: int, limits: RequestLimits | None = None,
                  same_host: local.SameHostPolicy | None = None) -> None:
-        self._engine = engine  # kvstore.engine.Engine; blocking, thread-safe
+        self._engine = engine  # blocking, thread-safe
         self._registry = registry
         self._auth = authenticator
         self._executor = executor
         self._counters = counters
         self._max_message_bytes = max_message_bytes
+        self._limits = limits or RequestLimits(max_tokens=1 << 22, max_chunks=1 << 16)
+        self._refusals = RefusalLog()
         self._same_host = same_host or local.SameHostPolicy(enabled=True,
                                                             arena_for_tenants=False)
         self._chunks = ChunkStreamer(engine, executor, counters, max_message_bytes)
+        self._lease_owners = LeaseOwners()
 
     # ------------------------------------------------------------ helpers
 
@@ -113,17 +145,32 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._counters.count_request(method)
         try:
             return self._auth.tenant_for(context.invocation_metadata())
-        except PermissionDenied as exc:
+        except Unauthenticated as exc:
             self._counters.count_failure(method, "UNAUTHENTICATED")
             await abort_unauthenticated(context, str(exc))
 
     async def _fail(self, method: str, context: grpc.aio.ServicerContext,
                     exc: Exception) -> NoReturn:
-        self._counters.count_failure(method, status_for(exc).name)
+        code = status_for(exc)
+        self._counters.count_failure(method, code.name)
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            self._refusals.refused(method, context.peer(), code, str(exc))
         await abort_with(context, exc)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _keys(self, namespace: Namespace, data: bytes, *, position_free: bool = False
+                    ) -> tuple[np.ndarray, list[ChunkKey]]:
+        """The tokens of a request and the keys of their chunks, within the request limits.
+
+        Hashing runs on the pool: a long token list must not hold the event loop.
+        """
+        self._limits.check(namespace, len(data) // 4, position_free=position_free)
+        tokens = tokens_from_bytes(data, position_free=position_free)
+        keys = await self._run(functools.partial(chunk_keys, namespace, tokens,
+                                                 position_free=position_free))
+        return tokens, keys
 
     def _namespace(self, request: Any, tenant: str | None) -> Namespace:
         """The request's namespace; a layout clash with the registered one is refused."""
@@ -136,12 +183,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @_rpc
     async def Lookup(self, request: pb.LookupRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
-        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        tokens, keys = await self._keys(namespace, request.tokens_le_i32,
+                                        position_free=request.position_free)
         per_chunk = tokens_per_chunk(namespace, tokens, position_free=request.position_free)
         if not keys:
             return pb.LookupResponse(num_tokens=0)
         num, per_tier = await self._run(self._engine.lookup, keys)
+        self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         return pb.LookupResponse(
             num_tokens=num * per_chunk,
             tiers=[pb.TierHits(tier=name, num_tokens=n * per_chunk)
@@ -159,8 +207,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             if assembler is None:
                 if kind != "header":
                     raise InvalidArgument(f"a Put stream starts with a header, got {kind}")
-                assembler = PutAssembler.from_header(request.header,
-                                                     self._namespace(request.header, tenant))
+                header = request.header
+                namespace = self._namespace(header, tenant)
+                tokens, keys = await self._keys(namespace, header.tokens_le_i32,
+                                                position_free=header.position_free)
+                assembler = PutAssembler.from_header(
+                    header, namespace, keys,
+                    tokens_per_chunk(namespace, tokens, position_free=header.position_free))
                 continue
             if kind != "chunk":
                 raise InvalidArgument(f"a Put stream has one header, then chunks; got {kind}")
@@ -185,20 +238,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                  position_free=assembler.position_free, chunk_index=chunk.index)
         self._registry.register(assembler.namespace)
         self._counters.add_bytes(received=len(chunk.data))
-        return bool(self._engine.put(chunk.key, chunk.data))
+        return bool(self._engine.put(chunk.key, chunk.data, assembler.namespace.tenant))
 
     @_rpc
     async def Delete(self, request: pb.DeleteRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
-        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        _, keys = await self._keys(namespace, request.tokens_le_i32,
+                                   position_free=request.position_free)
         deleted = await self._run(lambda: sum(bool(self._engine.delete(k)) for k in keys))
         return pb.DeleteResponse(num_chunks_deleted=deleted)
 
     @_rpc
     async def Prefetch(self, request: pb.PrefetchRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32), position_free=False)
+        _, keys = await self._keys(namespace, request.tokens_le_i32)
         if not keys:
             return pb.PrefetchResponse()
         promoted, resident = await self._run(self._engine.prefetch, keys)
@@ -238,11 +291,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._same_host.check(context.peer(), tenant)
         local.check_nonce(self._engine.dram, request.arena_nonce)
         namespace = self._namespace(request, tenant)
-        position_free = request.position_free
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
-        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        _, keys = await self._keys(namespace, request.tokens_le_i32,
+                                   position_free=request.position_free)
         ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
         run = await self._run(local.lease_run, self._engine, keys, ttl_s)
+        if run.lease_id:
+            self._lease_owners.record(run.lease_id, tenant, run.ttl_s)
         return pb.LeaseChunksResponse(
             lease_id=run.lease_id, ttl_ms=int(run.ttl_s * 1000), num_chunks_stored=run.num_stored,
             extents=[pb.ChunkExtent(offset_bytes=o, length_bytes=n) for o, n in run.extents])
@@ -251,6 +305,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any,
                            tenant: str | None):
         self._same_host.check(context.peer(), tenant)
+        self._lease_owners.check_release(request.lease_id, tenant)
         self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
         return pb.ReleaseLeaseResponse()
 
@@ -271,6 +326,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
         reservation_id, extents = await self._run(local.reserve_run, self._engine, plan, sizes,
                                                   ttl_s)
+        if reservation_id:
+            self._lease_owners.record(reservation_id, tenant, ttl_s)
         return pb.ReserveExtentsResponse(
             reservation_id=reservation_id, ttl_ms=int(ttl_s * 1000),
             extents=[pb.ChunkExtent(offset_bytes=o, length_bytes=n) for o, n in extents])
@@ -279,6 +336,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def CommitExtents(self, request: pb.CommitExtentsRequest, context: Any,
                             tenant: str | None):
         self._same_host.check(context.peer(), tenant)
+        self._lease_owners.check_release(request.reservation_id, tenant)  # the reserver only
         stored, present = await self._run(local.commit_run, self._engine, self._registry,
                                           request.reservation_id)
         return pb.CommitExtentsResponse(num_chunks_stored=stored, num_chunks_present=present)
@@ -289,8 +347,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: Any,
                           tenant: str | None):
         namespace = self._namespace(request, tenant)
-        keys = chunk_keys(namespace, tokens_from_bytes(request.tokens_le_i32),
-                          position_free=False)
+        _, keys = await self._keys(namespace, request.tokens_le_i32)
         batch = batch_from_proto(request, namespace.layout, len(keys))
         if batch.num_bytes + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
@@ -302,31 +359,34 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # ------------------------------------------------------------ blobs
 
-    def _blob_address(self, request: Any, tenant: str | None
-                      ) -> tuple[Namespace, Any, str, ChunkKey]:
-        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated."""
+    async def _blob_address(self, request: Any, tenant: str | None
+                            ) -> tuple[Namespace, Any, str, ChunkKey]:
+        """(namespace, tokens, kind, key) of a PutBlob/GetBlob request, validated; the
+        key is hashed on the pool (up to max_request_tokens ids)."""
         namespace = self._namespace(request, tenant)
         tokens = tokens_from_bytes(request.tokens_le_i32)
+        self._limits.check(namespace, tokens.size, position_free=True)  # one key, one hash
         blobs.check_tokens(tokens)
         kind = blobs.check_kind(request.kind)
-        return namespace, tokens, kind, blobs.blob_key(namespace, tokens, kind)
+        key = await self._run(blobs.blob_key, namespace, tokens, kind)
+        return namespace, tokens, kind, key
 
     @_rpc
     async def PutBlob(self, request: pb.PutBlobRequest, context: Any, tenant: str | None):
-        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        namespace, tokens, kind, key = await self._blob_address(request, tenant)
         data = request.data  # upb copies a bytes field on every access: read it once
         if len(data) + ENVELOPE_BYTES > self._max_message_bytes:
             raise CapacityExhausted(
                 f"a {len(data)}-byte blob would not fit a GetBlob reply under the "
                 f"{self._max_message_bytes}-byte message limit; raise server.max_message_bytes")
-        obj = blobs.wrap(namespace, tokens.size, kind, data)
 
         def store() -> bool:
+            obj = blobs.wrap(namespace, tokens.size, kind, data)  # checksums: off the loop
             self._registry.register(namespace)  # a blob fixes the layout like a chunk does
             # Unlike a chunk, a blob is not content-addressed: the last put wins (a
             # client that rejected a stored bundle replaces it with a recomputed one).
             replaced = self._engine.delete(key)
-            self._engine.put(key, obj)
+            self._engine.put(key, obj, namespace.tenant)
             return replaced
 
         replaced = await self._run(store)
@@ -335,7 +395,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     async def GetBlob(self, request: pb.GetBlobRequest, context: Any, tenant: str | None):
-        namespace, tokens, kind, key = self._blob_address(request, tenant)
+        namespace, tokens, kind, key = await self._blob_address(request, tenant)
 
         def load() -> bytes | None:
             obj = self._engine.get(key)
@@ -360,15 +420,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @_rpc_stream
     async def Get(self, request: pb.GetRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        position_free = request.position_free
-        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
-        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        layer_major = order_from_proto(request.order)
         layers = layers_from_proto(request.layers, namespace.layout)
-        layer_major = request.order == pb.ORDER_LAYER_MAJOR
+        _, keys = await self._keys(namespace, request.tokens_le_i32,
+                                   position_free=request.position_free)
         if request.encoded and (layer_major or request.layers):
             raise InvalidArgument("encoded objects are whole chunks: ask for chunk-major order "
                                   "without a layer filter, or set encoded=false")
-        num = (await self._run(self._engine.lookup, keys))[0] if keys else 0
+        num, per_tier = (await self._run(self._engine.lookup, keys)) if keys else (0, {})
+        self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         if num == 0:
             return
         keys = keys[:num]

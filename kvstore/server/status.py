@@ -7,6 +7,8 @@ keeps the inverse in ``kvstore.client._status``.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import NoReturn
 
 import grpc
@@ -19,12 +21,14 @@ from kvstore.errors import (
     KVStoreError,
     NotFound,
     PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
-# Order matters: subclasses before their bases (DeadlineExceeded is an Unavailable).
+# Order matters: subclasses before their bases (DeadlineExceeded is an Unavailable,
+# Unauthenticated a PermissionDenied).
 STATUS_BY_ERROR: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -32,6 +36,7 @@ STATUS_BY_ERROR: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Corrupt, grpc.StatusCode.DATA_LOSS),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 
@@ -68,3 +73,31 @@ async def abort_unauthenticated(context: grpc.aio.ServicerContext, reason: str) 
     """End the call with UNAUTHENTICATED: no valid bearer token (see server.auth)."""
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
     raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class RefusalLog:
+    """One WARNING line per refused request, at most one per ``interval_s``.
+
+    A client sending garbage in a loop must not flood the log (nor pay a traceback
+    each): the refusals in between are counted and reported with the next line.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last_monotonic: float | None = None  # when the last line was written
+        self._num_suppressed = 0  # refusals since then, not logged
+
+    def refused(self, method: str, peer: str, code: grpc.StatusCode, details: str) -> bool:
+        """Log one refusal unless one was logged in the last interval; True if logged."""
+        now = time.monotonic()
+        with self._lock:
+            last = self._last_monotonic
+            if last is not None and now - last < self._interval_s:
+                self._num_suppressed += 1
+                return False
+            suppressed, self._num_suppressed, self._last_monotonic = self._num_suppressed, 0, now
+        one_line = " ".join(details.split())[:300]
+        log.warning("refused %s from %s with %s: %s%s", method, peer, code.name, one_line,
+                    f" ({suppressed} more refusals not logged)" if suppressed else "")
+        return True

@@ -6,7 +6,9 @@ ever sees well-formed namespaces, token arrays and layer lists.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,62 @@ DTYPE_BY_PROTO: dict[int, str] = {
     pb.DTYPE_FLOAT32: "float32",
 }
 MAX_POSITION_FREE_TOKENS = 1 << 20  # longest position-free (RAG) chunk, per the proto
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """Stands for request bytes that did not parse as the method's message.
+
+    The server's deserializer returns it instead of raising, so the handler can
+    authenticate the caller first and then refuse the call with INVALID_ARGUMENT
+    (a raising deserializer ends the call as UNKNOWN, with a traceback in the log).
+    """
+
+    reason: str  # the parser's complaint, naming the message type
+
+
+def lenient_deserializer(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """Wrap a protobuf ``FromString``: bytes that do not parse become a MalformedRequest."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError; RecursionError on deeply nested groups
+            return MalformedRequest(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+def check_parsed(request: Any) -> Any:
+    """``request`` itself, or InvalidArgument if its bytes did not parse."""
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(f"the request bytes do not parse ({request.reason})")
+    return request
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on the work one request may ask for (server.max_request_*)."""
+
+    max_tokens: int  # token ids per request
+    max_chunks: int  # chunk keys per request
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.max_chunks < 1:
+            raise InvalidArgument(f"server.max_request_tokens and server.max_request_chunks "
+                                  f"must be >= 1, got {self.max_tokens} and {self.max_chunks}")
+
+    def check(self, namespace: Namespace, num_tokens: int, *, position_free: bool) -> None:
+        """Raises InvalidArgument, naming the limit, for a request over either bound."""
+        if num_tokens > self.max_tokens:
+            raise InvalidArgument(f"the request has {num_tokens} tokens, over the daemon's "
+                                  f"limit of {self.max_tokens} (server.max_request_tokens)")
+        num_chunks = 1 if position_free else num_tokens // namespace.layout.chunk_tokens
+        if num_chunks > self.max_chunks:
+            raise InvalidArgument(
+                f"the request addresses {num_chunks} chunks of "
+                f"{namespace.layout.chunk_tokens} tokens, over the daemon's limit of "
+                f"{self.max_chunks} (server.max_request_chunks); send fewer tokens per call")
 
 
 def layout_from_proto(msg: pb.Layout) -> KVLayout:
@@ -89,3 +147,11 @@ def layers_from_proto(layers: Sequence[int], layout: KVLayout) -> list[int]:
             f"layer {chosen[-1]} out of range: the layout has {layout.num_layers} layers"
         )
     return chosen
+
+
+def order_from_proto(order: int) -> bool:
+    """True for layer-major order; an enum value the proto does not define is refused."""
+    if order not in pb.Order.values():
+        raise InvalidArgument(f"order must be ORDER_UNSPECIFIED, ORDER_CHUNK_MAJOR or "
+                              f"ORDER_LAYER_MAJOR, got {order}")
+    return order == pb.ORDER_LAYER_MAJOR

@@ -27,17 +27,18 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from kvstore.arena import ArenaReader, Extent
+from kvstore.arena_file import ArenaReader, Extent
 from kvstore.codec.raw import raw_payload
 from kvstore.errors import InvalidArgument
-from kvstore.kernels.sparse_gather import gather, rope_rotate_reference
+from kvstore.kernels.sparse_gather import gather
 from kvstore.layout import DTYPE_ITEMSIZE
+from kvstore.models.dtypes import TORCH_DTYPES
+from kvstore.models.rope import rotate
 
 log = logging.getLogger(__name__)
 
 KIND_KEY = 0  # exact pre-RoPE keys
 KIND_VALUE = 1
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 Rope = tuple[torch.Tensor, float]  # (inv_freq [D/2], attention scaling)
 
 
@@ -273,6 +274,6 @@ class RemoteBlockSource:
         rows = rows.view(-1, g.block_tokens, g.head_dim).to(out.device)
         if rope is not None:
             pos = blk.cpu()[:, None] * g.block_tokens + torch.arange(g.block_tokens)
-            rows = rope_rotate_reference(rows, pos.to(out.device), *rope)
+            rows = rotate(rows, pos.to(out.device), *rope)
         out[hs, slots[hs, idx]] = rows.to(out.dtype)
         return expected

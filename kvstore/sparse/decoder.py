@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from kvstore.errors import InvalidArgument
-from kvstore.kernels.sparse_gather import rope_rotate_reference
+from kvstore.models.arch import geometry_of
+from kvstore.models.llama import decode_token
+from kvstore.models.rope import rotate
 from kvstore.sparse.blocks import KIND_KEY, KIND_VALUE, BlockStore, Rope
 from kvstore.sparse.config import SparseConfig
 from kvstore.sparse.layers import DenseLayer, SparseLayer
-from kvstore.sparse.llama import decode_token, geometry_of
 from kvstore.sparse.shadow import ShadowBundle, build_layer_shadow
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SparseDecoder:
             k, v = self._read_all(layer)
             first = b.num_blocks * b.block_tokens
             positions = torch.arange(first, first + tail_pre.shape[1])
-            tail_k = rope_rotate_reference(tail_pre, positions, *self.rope)
+            tail_k = rotate(tail_pre, positions, *self.rope)
             return DenseLayer(torch.cat((k, tail_k), 1), torch.cat((v, tail_v.float()), 1), scale)
         if layer not in b.layers:
             raise InvalidArgument(f"shadow bundle has no shadow for sparse layer {layer}; "

@@ -9,11 +9,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from kvstore._progress import track
 from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.models.arch import fingerprint_of, geometry_of
+from kvstore.models.llama import capture_prefill
+from kvstore.models.rope import rope_spec
 from kvstore.sparse.blocks import BlockGeometry, HostBlockPool, Rope, SplitBlockSource
 from kvstore.sparse.config import SparseConfig
 from kvstore.sparse.decoder import SparseDecoder, build_sequence, is_dense_layer
-from kvstore.sparse.llama import capture_prefill, fingerprint_of, geometry_of, rope_of
 from kvstore.sparse.shadow import ShadowBundle
 from kvstore.sparse.store import HostSequenceStore, SequenceStore, sequence_kind
 
@@ -82,7 +85,8 @@ def open_decoder(model: Any, prefix: Sequence[int], cfg: SparseConfig, client: S
 
     Returns (decoder, whether the stored bundle was reused).
     """
-    fingerprint, rope = fingerprint_of(model), rope_of(model)
+    spec = rope_spec(model)
+    fingerprint, rope = fingerprint_of(model), (spec.inv_freq, spec.attention_scaling)
     prefix = list(prefix)
     kind = sequence_kind(fingerprint, cfg)
     geo = geometry_of(model)
@@ -111,7 +115,8 @@ def open_decoder(model: Any, prefix: Sequence[int], cfg: SparseConfig, client: S
 @torch.no_grad()
 def generate(model: Any, input_ids: Any, client: SequenceStore | None = None,
              budget_tokens: int = 512, max_new_tokens: int = 32,
-             eos_token_id: int | None = None, **options: Any) -> list[int]:
+             eos_token_id: int | None = None, progress: bool = True,
+             **options: Any) -> list[int]:
     """Greedy generation with sparse decode; returns the generated token ids.
 
     The prompt minus its last token is prefilled (or, if ``client`` holds it, its
@@ -127,6 +132,7 @@ def generate(model: Any, input_ids: Any, client: SequenceStore | None = None,
         budget_tokens: tokens attended per sparse layer (see :class:`SparseConfig`).
         max_new_tokens: tokens to generate at most.
         eos_token_id: stop after generating this token.
+        progress: draw a bar of the decode steps on stderr when it is a terminal.
         **options: other :class:`SparseConfig` fields (selector, rank, dense_layers, ...).
 
     Raises:
@@ -140,7 +146,7 @@ def generate(model: Any, input_ids: Any, client: SequenceStore | None = None,
              "reused" if reused else "built")
     out: list[int] = []
     token = ids[-1]
-    for _ in range(max_new_tokens):
+    for _ in track(range(max_new_tokens), "sparse decode", enabled=progress):
         logits, _ = decoder.step(token)
         token = int(logits.argmax())
         out.append(token)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.kernels.sparse_diff import diff
-from kvstore.kernels.sparse_gather import rope_rotate_reference
 from kvstore.kernels.sparse_rebuild import rebuild
+from kvstore.models.rope import rotate
 from kvstore.sparse.blocks import KIND_KEY, KIND_VALUE, BlockStore, Rope
 from kvstore.sparse.config import SparseConfig
 from kvstore.sparse.select import select_blocks
@@ -86,7 +86,7 @@ class SparseLayer:
         blocks = torch.arange(self.local_start, shadow.num_blocks).expand(num_kv, -1)
         win_k, win_v = self._load_exact(blocks.contiguous())
         first_tail = shadow.num_blocks * bt
-        tail_k = rope_rotate_reference(tail_pre, torch.arange(first_tail, first_tail +
+        tail_k = rotate(tail_pre, torch.arange(first_tail, first_tail +
                                                               tail_pre.shape[1]), *rope)
         self.recent_k = torch.cat((win_k, tail_k), dim=1)
         self.recent_v = torch.cat((win_v, tail_v.float()), dim=1)

@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvstore.errors import Corrupt, InvalidArgument
-from kvstore.kernels.sparse_gather import rope_rotate_reference
+from kvstore.models.rope import rotate
 
 MAGIC = b"KVSB"
 BUNDLE_VERSION = 2  # 2: per-block mean values
@@ -103,7 +103,7 @@ def build_layer_shadow(k_pre: torch.Tensor, values: torch.Tensor, rank: int, blo
     basis = vh[:rank].contiguous()
     coeffs = torch.zeros(capacity_blocks * block_tokens, rank)
     coeffs[:n] = flat @ basis.T
-    k_post = rope_rotate_reference(k_pre, torch.arange(n), *rope)  # [Hkv, n, D]
+    k_post = rotate(k_pre, torch.arange(n), *rope)  # [Hkv, n, D]
     blocks = k_post.view(num_kv, num_blocks, block_tokens, dim)
     landmarks = torch.zeros(num_kv, capacity_blocks, dim)
     landmarks[:, :num_blocks] = blocks.mean(dim=2)

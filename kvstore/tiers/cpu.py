@@ -142,6 +142,11 @@ class CpuTier:
         return self._arena.identity()
 
     @property
+    def prefaulted(self) -> threading.Event:
+        """Set once the arena's pages are faulted in (the daemon is ready then)."""
+        return self._arena.prefaulted
+
+    @property
     def lease_ttl_s(self) -> float:
         return self._arena.lease_ttl_s
 
@@ -153,6 +158,12 @@ class CpuTier:
     def extend_lease(self, lease_id: LeaseId, key: ChunkKey) -> Extent | None:
         """Add a resident ``key`` to a lease; None if DRAM does not hold it."""
         return self._arena.extend(lease_id, key)
+
+    def count_leased_reads(self, num_objects: int, num_bytes: int) -> None:
+        """Count objects a same-host client reads under a lease as hits, like ``get``."""
+        with self._lock:
+            self._stats.hits += num_objects
+            self._stats.read_bytes += num_bytes
 
     def release_lease(self, lease_id: LeaseId) -> None:
         """End a lease; raises NotFound if it is not held (released or expired)."""

@@ -84,7 +84,7 @@ class DiskTier:
         self._known_dirs: set[str] = set()  # subdirectories known to exist
         self._stats = TierStats(name=self.name, capacity_bytes=self._capacity_bytes)
         try:
-            os.makedirs(self._root, exist_ok=True)
+            os.makedirs(self._root, mode=0o700, exist_ok=True)
             self._rebuild_index()
         except OSError as exc:
             raise InvalidArgument(
@@ -262,16 +262,16 @@ class DiskTier:
         self._ensure_dir(subdir)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            return os.open(path, flags, 0o644)
+            return os.open(path, flags, 0o600)
         except FileNotFoundError:  # the subdirectory was removed behind our back
             self._known_dirs.discard(subdir)
             self._ensure_dir(subdir)
-            return os.open(path, flags, 0o644)
+            return os.open(path, flags, 0o600)
 
     def _ensure_dir(self, subdir: str) -> None:
         if subdir in self._known_dirs:
             return
-        os.makedirs(subdir, exist_ok=True)
+        os.makedirs(subdir, mode=0o700, exist_ok=True)
         if self._fsync:  # make the new directory entry itself durable
             _fsync_dir(self._root)
         self._known_dirs.add(subdir)

@@ -304,6 +304,11 @@ class RedisTier:
     def is_up(self) -> bool:
         return self.state != "down"
 
+    def breaker_states(self) -> dict[str, bool]:
+        """Node name -> whether its circuit breaker is open (calls refused); {} unconnected."""
+        router = self._router
+        return {n.name: n.breaker.is_open for n in router.nodes()} if router else {}
+
     def stats(self) -> TierStats:
         self._ensure_router()  # lets a tier that started while Redis was down reconnect
         server = self._server_figures()

@@ -66,11 +66,9 @@ def test_kernel_symbols_bit_identical_to_cpu_decoder(level: str) -> None:
 
 
 def test_kernel_matches_reference_on_flat_lanes_in_both_layouts() -> None:
-    from kvstore.kernels.kvq_decode import (
-        decode_lanes_reference,
-        decode_lanes_triton,
-        launch_decode_lanes,
-    )
+    from kvstore.kernels.kvq_decode import decode_lanes_triton, launch_decode_lanes
+
+    from kvstore.codec.gpu import decode_lanes_on_cpu
 
     rng = np.random.default_rng(2)
     sym = np.clip(np.rint(rng.laplace(5, 2, (24, 10))), 0, 10).astype(np.uint8)
@@ -81,7 +79,7 @@ def test_kernel_matches_reference_on_flat_lanes_in_both_layouts() -> None:
     starts = ends - torch.from_numpy(lane_words.astype(np.int64))
     args = (torch.from_numpy(words.astype(np.int32)), starts, ends, torch.from_numpy(cdf))
     got, ok = decode_lanes_triton(*(a.to(DEVICE) for a in args), 2, 10, block=4)
-    ref, ref_ok = decode_lanes_reference(*args, 2, 10)
+    ref, ref_ok = decode_lanes_on_cpu(*args, 2, 10)
     assert ok and ref_ok
     assert torch.equal(got.cpu(), ref) and np.array_equal(ref.numpy(), sym)
     # u16 words as int16 bits, int16 CDFs, symbols in [C // D, T, D] order (D = 4).
@@ -123,7 +121,8 @@ def test_cdf_kernel_matches_integer_expansion() -> None:
     bins[:4] = [2, 3, dist.MAX_SYMBOLS, dist.MAX_SYMBOLS - 1]
     ref = dist.expand_cdf(np, dist.WEIGHTS, mu, ss, bins.astype(np.int64))
     for dtype in (torch.int16, torch.int32):
-        got = expand_cdfs(*(torch.from_numpy(a).to(DEVICE) for a in (mu, ss, bins)), dtype)
+        got = expand_cdfs(*(torch.from_numpy(a).to(DEVICE) for a in (mu, ss, bins)),
+                          dist.WEIGHTS, dtype)
         assert got.dtype == dtype
         np.testing.assert_array_equal(got.cpu().numpy().astype(np.int32), ref)
 

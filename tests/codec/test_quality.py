@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 def smollm2_run() -> tuple:
     torch = pytest.importorskip("torch")
     from kvstore.codec.calibrate_model import continuation_logprobs, prefill
-    from kvstore.integrations.smollm2 import load_smollm2, sample_tokens
+    from kvstore.models.smollm2 import load_smollm2, sample_tokens
 
     model, tokenizer = load_smollm2()
     ids = sample_tokens(tokenizer, 512 + 257, offset=20_000)

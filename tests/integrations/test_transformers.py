@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from kvstore.errors import InvalidArgument
-from kvstore.integrations._rope import rope_spec, rotate_keys
 from kvstore.integrations.transformers import generate, layout_for, prefill
+from kvstore.models.rope import rope_spec, rotate_keys
 from tests.conftest import make_config
-from tests.integrations import smollm2, tiny_llama
+from tests.models import smollm2, tiny_llama
 
 _names = itertools.count()
 
@@ -43,7 +43,7 @@ def _full_logits(model: Any, ids: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def model_and_ids() -> tuple[Any, list[int]]:
-    from kvstore.integrations.smollm2 import sample_tokens
+    from kvstore.models.smollm2 import sample_tokens
 
     model, tokenizer = smollm2()
     return model, sample_tokens(tokenizer, 200, offset=1000)

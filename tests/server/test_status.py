@@ -25,6 +25,7 @@ from kvstore.server.status import STATUS_BY_ERROR, describe, status_for
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Corrupt, grpc.StatusCode.DATA_LOSS),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 ])
 def test_status_for_maps_each_error_class(cls, code):
     assert status_for(cls("x")) == code

@@ -22,8 +22,8 @@ def smollm2_with_prompt(offset: int, num_tokens: int = 300):
     import pytest
 
     pytest.importorskip("transformers")
-    from kvstore.integrations.smollm2 import sample_tokens
-    from tests.integrations import smollm2
+    from kvstore.models.smollm2 import sample_tokens
+    from tests.models import smollm2
 
     try:
         model, tokenizer = smollm2()

@@ -30,7 +30,7 @@ attention the reused KV lacks and prefills the query in the same pass:
    rows, but on CPU such passes are bound by reading the weights), ~0.08 s of
    CPU or ~2.5% of a full prefill, while top-1 agreement moved within noise.
    (Figures above: chunks computed alone. With chunks computed after the prefix,
-   kvstore.rag's default, it does worse: ratio 0.15, mean KL 0.0213 vs 0.0159.)
+   kvstore.rag.build's default, it does worse: ratio 0.15, mean KL 0.0213 vs 0.0159.)
 4. **Layers 1..L-1, selected tokens + forced tokens + query only.** Each decoder
    layer of the model runs on the rows of the selected tokens, the context tokens
    that have no stored KV at all (a prefix tail: "forced", exact) and the query
@@ -57,7 +57,8 @@ from typing import Any
 
 import torch
 
-from kvstore.integrations._rope import _rotate_half
+from kvstore.models.cache import cache_from_kv
+from kvstore.models.llama import layer_kv, layer_queries
 
 
 class _ScatterCache:
@@ -87,31 +88,6 @@ def _causal_mask(rows: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> tor
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
-
-
-def _layer_kv(layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Post-RoPE K and V ``[1, heads, tokens, dim]`` that ``layer`` computes from its input."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    k = attn.k_proj(x).view(shape)
-    if hasattr(attn, "k_norm"):  # Qwen3 normalises keys before RoPE
-        k = attn.k_norm(k)
-    k = k.transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-    return k, v
-
-
-def _layer_queries(layer: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Post-RoPE queries ``[1, heads, rows, dim]`` that ``layer`` computes from its input."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(*x.shape[:-1], -1, attn.head_dim)
-    if hasattr(attn, "q_norm"):  # Qwen3
-        q = attn.q_norm(q)
-    q = q.transpose(1, 2)
-    return q * cos[:, None] + _rotate_half(q) * sin[:, None]
 
 
 def _context_reads(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -160,7 +136,7 @@ def _run_rows(
     layers = model.model.layers[1 : num_layers or model.config.num_hidden_layers]
     for index, layer in enumerate(layers, start=1):
         if query is not None:
-            q = _layer_queries(layer, hidden[:, query], cos[:, query], sin[:, query])
+            q = layer_queries(layer, hidden[:, query], cos[:, query], sin[:, query])
         hidden = layer(
             hidden,
             attention_mask=mask,
@@ -190,7 +166,7 @@ def _select(
     context token) only half of them, the other half those with the most deviation x reads.
     """
     cos, sin = (t[:, idx] for t in cos_sin)
-    fresh = _layer_kv(model.model.layers[1], hidden[:, idx], cos, sin)
+    fresh = layer_kv(model.model.layers[1], hidden[:, idx], cos, sin)
     dev = _deviation(fresh, cache_kv[1][:, :, idx])
     num_dev = num_select if reads is None else num_select - num_select // 2
     by_dev = dev.topk(num_dev).indices
@@ -230,8 +206,6 @@ def blend(
         ``(cache, logits, num_recomputed)``: a DynamicCache of all ``len(ids)`` tokens,
         the next-token logits ``[vocab]`` (float32) and the number of recomputed candidates.
     """
-    from kvstore.integrations.transformers import cache_from_kv
-
     inner = model.model
     device = next(model.parameters()).device
     num_tokens, num_ctx = len(ids), candidates.numel()

@@ -1,4 +1,4 @@
-"""RAG chunk-cache reuse: position-free chunk KV, RoPE re-encoding, selective recompute (§7).
+"""A RAG prompt's cache from stored chunk KV: RoPE re-encoding, selective recompute (§7).
 
 The prompt is ``prefix + chunk_1 + ... + chunk_n + query``.
 
@@ -17,12 +17,12 @@ The prompt is ``prefix + chunk_1 + ... + chunk_n + query``.
   (SmolLM2, bench prompts, ratio 0.15: mean KL to a full prefill 0.0287 -> 0.0159,
   held-out prompts unchanged; a lone BOS or endoftext lead did worse than none).
   At use, keys are rotated to the
-  chunk's real positions with the model's RoPE (``kvstore.integrations._rope``;
+  chunk's real positions with the model's RoPE (``kvstore.models.rope``;
   unknown or length-dependent rope types raise InvalidArgument).
 - **Blend**: a stored chunk never attended to the chunks before it. The
   ``recompute_ratio`` share of chunk tokens is recomputed on every layer with the
   real model, in the same per-layer pass that prefills the query
-  (``kvstore.integrations._blend``): those whose layer-1 KV deviates most
+  (``kvstore.rag.blend``): those whose layer-1 KV deviates most
   from a fresh computation (with ``query_aware``: half of them, half the stale
   tokens the query reads most, from a short probe of the query against the
   reused KV). ``recompute_ratio=1.0`` is a full prefill; ``0.0`` keeps every
@@ -45,27 +45,19 @@ from typing import Any
 
 import torch
 
+from kvstore._progress import track
 from kvstore.errors import InvalidArgument
-from kvstore.integrations._blend import blend
-from kvstore.integrations._rope import (
-    MASKED_ATTENTION_IMPLS,
-    RopeSpec,
-    check_layout,
-    rope_spec,
-    rotate_keys,
-)
-from kvstore.integrations.transformers import (
-    as_token_list,
-    cache_from_kv,
-    kv_from_cache,
-    prefill,
-    store_new_chunks,
-)
+from kvstore.integrations.transformers import as_token_list, prefill, store_new_chunks
+from kvstore.models.arch import MASKED_ATTENTION_IMPLS, check_layout
+from kvstore.models.cache import cache_from_kv, kv_from_cache
+from kvstore.models.dtypes import TORCH_DTYPES
+from kvstore.models.rope import RopeSpec, rope_spec, rotate_keys
+from kvstore.rag.blend import blend
 
 log = logging.getLogger(__name__)
 
+PROGRESS_MIN_PASSAGES = 8  # fewer load in a blink: no bar
 _NUM_TAG_TOKENS = 4  # key tokens naming a chunk's lead (31 bits each)
-_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +171,7 @@ def _chunk_kv(client: Any, encoder: _ChunkEncoder, chunk: list[int]) -> tuple[to
     stored = client.get_chunk(tag + chunk)
     if stored is not None:
         return torch.as_tensor(stored)[:, :, :, len(tag) :].to(model_dtype), True
-    kv = encoder.encode(chunk).to(_TORCH_DTYPES[client.layout.dtype])
+    kv = encoder.encode(chunk).to(TORCH_DTYPES[client.layout.dtype])
     if tag:
         kv = torch.cat((kv.new_zeros(client.layout.shape(len(tag))), kv), dim=3)
     client.put_chunk(tag + chunk, kv)
@@ -215,6 +207,7 @@ def _load_context(
     lead: list[int],
     naive: bool = False,
     room: int = 0,
+    progress: bool = False,
 ) -> _Context:
     num_ctx = len(prefix) + sum(len(c) for c in chunks)
     model_dtype = next(model.parameters()).dtype
@@ -227,7 +220,8 @@ def _load_context(
         kv[:, :, :, : len(prefix)] = prefix_kv
     start, hits = len(prefix), 0
     encoder = _ChunkEncoder(model, lead, spec)
-    for chunk in chunks:
+    shown = progress and len(chunks) >= PROGRESS_MIN_PASSAGES
+    for chunk in track(chunks, "RAG passages", enabled=shown):
         chunk_kv, hit = _chunk_kv(client, encoder, chunk)
         hits += hit
         stop = start + len(chunk)
@@ -250,6 +244,7 @@ def build_cache(
     recompute_ratio: float = 0.15,
     query_aware: bool = False,
     chunk_lead: Sequence[int] | torch.Tensor | None = None,
+    progress: bool = True,
 ) -> tuple[Any, torch.Tensor, RagStats]:
     """A ready cache for ``prefix + chunks + query`` built from stored chunk KV.
 
@@ -263,11 +258,13 @@ def build_cache(
         query_aware: give half of the recompute to stale tokens the query reads most
             (a short probe first, ~2.5% of a full prefill on SmolLM2; lowered the KL
             for chunks computed alone, raised it with the prefix as lead; see
-            kvstore.integrations._blend).
+            kvstore.rag.blend).
         chunk_lead: what a chunk missing from the store is computed after (its KV is
             conditioned on these tokens; only the chunk's rows are kept). None (default):
             the prefix, so stored chunks hit only under the same prefix; ``[]``: nothing,
             entries shared by every prefix. Entries of different leads never mix.
+        progress: with 8 passages or more, draw a bar of the passages loaded or
+            encoded on stderr when it is a terminal.
 
     Returns:
         ``(cache, logits, stats)``: a DynamicCache of the whole prompt, the
@@ -283,7 +280,8 @@ def build_cache(
     prefix_ids = [] if prefix is None else as_token_list(prefix)
     lead = prefix_ids if chunk_lead is None else as_token_list(chunk_lead)
     _check_inputs(model, client, chunk_ids, query_ids, recompute_ratio, lead)
-    ctx = _load_context(model, client, prefix_ids, chunk_ids, spec, lead, room=len(query_ids))
+    ctx = _load_context(model, client, prefix_ids, chunk_ids, spec, lead, room=len(query_ids),
+                        progress=progress)
     num_chunk_tokens = sum(len(c) for c in chunk_ids)
     num_prefix = len(prefix_ids)
     candidates = torch.zeros(num_prefix + num_chunk_tokens, dtype=torch.bool)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.integrations.smollm2 import publish_conversion
+from kvstore.models.smollm2 import publish_conversion
 
 
 def _conversion(folder: Path, weights: bytes) -> Path:
