@@ -1,8 +1,8 @@
 """GPU half of bench_local (imported only where CUDA exists; never run on the CI machine).
 
 Measures H2D copies of the same bytes from the daemon's arena, registered with
-cudaHostRegister, against cudaMemcpy from a pinned host buffer. kvikio vs POSIX
-reads and CUDA IPC get vs D2D are reported as not measured yet.
+cudaHostRegister, against cudaMemcpy from a pinned host buffer. bench_gpu_io.py
+runs it too, beside CUDA IPC get vs D2D and kvikio vs POSIX reads.
 """
 
 from __future__ import annotations
@@ -57,5 +57,3 @@ def bench_gpu(address: str, layout: Any, repeat: int, emit: Callable[..., None])
     emit("local", "h2d_arena", gb_per_s=gb / arena_s, registered=registered,
          vs_pinned=pinned_s / arena_s, device=torch.cuda.get_device_name())
     emit("local", "h2d_pinned", gb_per_s=gb / pinned_s, device=torch.cuda.get_device_name())
-    emit("local", "gpu_not_measured", skipped=True,
-         reason="kvikio vs POSIX reads and CUDA IPC get vs D2D have no benchmark yet")

@@ -24,6 +24,11 @@ after a warm-up. ``max_abs_error`` compares the first object with the CPU decode
     python bench/bench_codec_gpu.py --smoke            # tiny synthetic objects, no model; on
                                                        # a CPU the kernels run interpreted
     python bench/bench_codec_gpu.py --host-only        # the host half alone, no GPU needed
+    python bench/bench_codec_gpu.py --save-kv .gpu_data/smollm2_kv.npy --prefix-tokens 1024
+                                   # where the model is installed: keep its KV in a file ...
+    python bench/bench_codec_gpu.py --kv-file .gpu_data/smollm2_kv.npy
+                                   # ... and measure from it where the model is not (the GPU
+                                   # machine: the model's wheel is too big to carry there)
 """
 
 from __future__ import annotations
@@ -73,6 +78,14 @@ def model_chunks(prefix_tokens: int, offset: int) -> tuple[KVLayout, list[np.nda
     layout = KVLayout(exact.shape[0], exact.shape[2], exact.shape[4], "float16", CHUNK)
     return layout, [np.ascontiguousarray(exact[:, :, :, t : t + CHUNK])
                     for t in range(0, prefix_tokens - CHUNK + 1, CHUNK)]
+
+
+def file_chunks(path: str) -> tuple[KVLayout, list[np.ndarray]]:
+    """The chunks of a KV array saved by ``--save-kv`` (``[L, 2, H, N, D]`` float16)."""
+    exact = np.load(path)
+    layout = KVLayout(exact.shape[0], exact.shape[2], exact.shape[4], "float16", CHUNK)
+    return layout, [np.ascontiguousarray(exact[:, :, :, t : t + CHUNK])
+                    for t in range(0, exact.shape[3] - CHUNK + 1, CHUNK)]
 
 
 def synthetic_chunks(count: int) -> tuple[KVLayout, list[np.ndarray]]:
@@ -149,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offset", type=int, default=0, help="character offset of the prompt text")
     p.add_argument("--host-only", action="store_true",
                    help="time only the host half (gpu.prepare_many) on real chunks; no GPU")
+    p.add_argument("--kv-file", help="read SmolLM2's chunks from this .npy (see --save-kv) "
+                   "instead of running the model")
+    p.add_argument("--save-kv", help="run the model, save its prefix KV to this .npy, exit")
     args = p.parse_args(argv)
     import torch
 
@@ -161,20 +177,29 @@ def main(argv: list[str] | None = None) -> int:
         layout, chunks = synthetic_chunks(2)
         measure("balanced", layout, chunks, [1, 3], 1, device, smoke=True)
         return 0
+    if args.save_kv:
+        _, chunks = model_chunks(args.prefix_tokens, args.offset)
+        Path(args.save_kv).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_kv, np.concatenate(chunks, axis=3))
+        return 0
+    source = (lambda: file_chunks(args.kv_file)) if args.kv_file else (
+        lambda: model_chunks(args.prefix_tokens, args.offset))
     if args.host_only:
-        layout, chunks = model_chunks(args.prefix_tokens, args.offset)
+        layout, chunks = source()
         for level in levels:
             measure(level, layout, chunks, batches, args.repeat, "cpu", host_only=True,
-                    model="SmolLM2-135M", chunk_tokens=CHUNK, prefix_tokens=args.prefix_tokens)
+                    model="SmolLM2-135M", chunk_tokens=CHUNK, prefix_tokens=len(chunks) * CHUNK,
+                    kv_source=args.kv_file or "model")
         return 0
     if not torch.cuda.is_available():
         emit(SUBJECT, "skipped", skipped=True, reason="no CUDA device; --smoke runs the "
              "decode path interpreted on the CPU")
         return 0
-    layout, chunks = model_chunks(args.prefix_tokens, args.offset)
+    layout, chunks = source()
     for level in levels:
         measure(level, layout, chunks, batches, args.repeat, "cuda", model="SmolLM2-135M",
-                chunk_tokens=CHUNK, prefix_tokens=args.prefix_tokens)
+                chunk_tokens=CHUNK, prefix_tokens=len(chunks) * CHUNK,
+                kv_source=args.kv_file or "model")
     return 0
 
 

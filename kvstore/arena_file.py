@@ -255,19 +255,24 @@ class ArenaReader:
             raise NotFound(f"cannot open arena {path}: {exc}") from exc
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            self._map = mmap.mmap(fd, 0, prot=prot)
-        except (OSError, ValueError) as exc:
-            raise NotFound(f"cannot map arena {path}: {exc}") from exc
-        finally:
+            self._map = self._map_checked(fd, path, prot)
+        except BaseException:
             os.close(fd)
+            raise
+        # Kept open: reads compare the file's size with what they touch (see view).
+        self._fd = fd
         self.path = path
         self._view = memoryview(self._map)
-        magic, version, _, _, found, _ = FILE_HEADER.unpack_from(self._view)
+        magic, version, _, data_bytes, found, _ = FILE_HEADER.unpack_from(self._view)
         if magic != FILE_MAGIC or version != FILE_VERSION or (nonce is not None and
                                                               found != nonce):
             self.close()
             raise Corrupt(f"{path} is not the daemon's arena (magic {magic!r}, version "
                           f"{version}, nonce {'matches' if found == nonce else 'differs'})")
+        if self._view.nbytes < HEADER_BYTES + data_bytes:
+            self.close()
+            raise Corrupt(f"arena {path} is {self._view.nbytes} bytes, its header says "
+                          f"{HEADER_BYTES + data_bytes} (truncated)")
         self.nonce = found
         # Fault the pages into this process's page tables in the background: a
         # client's first touch of each arena page otherwise costs a fault on every
@@ -275,15 +280,40 @@ class ArenaReader:
         threading.Thread(target=prefault, args=(self._map,), kwargs={"writable": writable},
                          name="kvstore-arena-client-prefault", daemon=True).start()
 
+    @staticmethod
+    def _map_checked(fd: int, path: str, prot: int) -> mmap.mmap:
+        """Map the whole file once it is known to hold at least the header page."""
+        size = os.fstat(fd).st_size
+        if size < HEADER_BYTES:  # reading a header past the end would raise SIGBUS
+            raise Corrupt(f"arena {path} is {size} bytes, shorter than its "
+                          f"{HEADER_BYTES}-byte header page (truncated, or not an arena)")
+        try:
+            return mmap.mmap(fd, size, prot=prot)
+        except (OSError, ValueError) as exc:
+            raise NotFound(f"cannot map arena {path}: {exc}") from exc
+
     @property
     def nbytes(self) -> int:
         return self._view.nbytes
 
     def view(self, extent: Extent) -> memoryview:
-        """Zero-copy view of one leased object; valid until the lease ends."""
-        if extent.offset < 0 or extent.offset + extent.length > self._view.nbytes:
+        """Zero-copy view of one leased object; valid until the lease ends.
+
+        Raises:
+            InvalidArgument: the extent lies outside the mapping.
+            Corrupt: the file was truncated below the extent since it was mapped.
+                Touching those pages would kill this process with SIGBUS, so the
+                file's size is checked first (a truncation racing the copy itself
+                cannot be caught; only processes of the daemon's user can do it).
+        """
+        end = extent.offset + extent.length
+        if extent.offset < 0 or end > self._view.nbytes:
             raise InvalidArgument(f"extent {extent} outside the arena of {self._view.nbytes} bytes")
-        return self._view[extent.offset : extent.offset + extent.length]
+        size = os.fstat(self._fd).st_size
+        if end > size:
+            raise Corrupt(f"arena {self.path} was truncated to {size} bytes; extent {extent} "
+                          "lies past its end")
+        return self._view[extent.offset : end]
 
     def close(self) -> None:
         self._view.release()
@@ -291,3 +321,6 @@ class ArenaReader:
             self._map.close()
         except BufferError:  # views handed out are still alive; the GC unmaps later
             pass
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

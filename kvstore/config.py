@@ -131,7 +131,27 @@ class RedisTierConfig:
 
 
 @dataclass(slots=True)
+class GpuTierConfig:
+    # HBM the GPU tier may hold (one device allocation made at start-up); 0 = no GPU
+    # tier. Needs torch, cupy and a CUDA device; without them the daemon logs why and
+    # runs without the tier. Default 0.
+    capacity_bytes: int = 0
+    device: int = 0  # CUDA device index of the tier. Default 0.
+    # Gets of a chunk (any path) after which the engine copies it into HBM; 0 = place
+    # every put there too. A LeaseGpuChunks request promotes what it asks for at once.
+    promote_after_hits: int = 2
+    # Seconds a same-host client's GPU lease pins its chunks unless released first.
+    lease_ttl_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.promote_after_hits < 0 or self.lease_ttl_s <= 0:
+            raise InvalidArgument(f"tiers.gpu needs promote_after_hits >= 0 and lease_ttl_s > 0, "
+                                  f"got {self.promote_after_hits} and {self.lease_ttl_s}")
+
+
+@dataclass(slots=True)
 class TiersConfig:
+    gpu: GpuTierConfig = field(default_factory=GpuTierConfig)
     cpu: CpuTierConfig = field(default_factory=CpuTierConfig)
     disk: DiskTierConfig = field(default_factory=DiskTierConfig)
     redis: RedisTierConfig = field(default_factory=RedisTierConfig)

@@ -40,5 +40,9 @@ class Unauthenticated(PermissionDenied):
     """The call carries no credentials the daemon knows (missing or unknown bearer token)."""
 
 
+class FailedPrecondition(KVStoreError):
+    """The daemon lacks what the call needs (e.g. a GPU tier); another path may work."""
+
+
 class DeadlineExceeded(Unavailable):
     """The caller's deadline passed before the daemon answered."""

@@ -129,3 +129,79 @@ class FaultyTier:
 
     def close(self) -> None:
         self.inner.close()
+
+
+class HostSlab:
+    """A `kvstore.tiers.gpu.DeviceSlab` in a host file: the GPU tier's logic without CUDA.
+
+    A fake of our own storage class (production: ``kvstore.tiers.gpu_cuda.CudaSlab``).
+    The "IPC handle" is the file's path, which ``open_host_slab`` maps in any process
+    of this host, so the lease RPC, the client's copies and its checksum
+    verification run end to end on a CPU. The checksum is the production function
+    run by torch on the CPU.
+    """
+
+    def __init__(self, nbytes: int, directory: str) -> None:
+        import mmap
+        import os
+        import tempfile
+
+        import torch
+
+        fd, self.path = tempfile.mkstemp(prefix="kvstore-hostslab-", dir=directory)
+        os.ftruncate(fd, nbytes)
+        self._map = mmap.mmap(fd, nbytes)
+        os.close(fd)
+        self._tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.nbytes = nbytes
+        self.device = 0
+        self.pci_bus_id = "host:0"
+        self._staging = bytearray()
+        self.num_uploads = 0  # uploads done (lets tests see a promotion happen)
+
+    def staging(self, nbytes: int) -> memoryview:
+        if len(self._staging) < nbytes:
+            self._staging = bytearray(nbytes)
+        return memoryview(self._staging)[:nbytes]
+
+    def upload_staged(self, offset: int, nbytes: int) -> int:
+        from kvstore.device_checksum import device_checksum
+
+        self._map[offset : offset + nbytes] = self._staging[:nbytes]
+        self.num_uploads += 1
+        return device_checksum(self._tensor[offset : offset + nbytes])
+
+    def read(self, offset: int, nbytes: int) -> bytes:
+        return bytes(self._map[offset : offset + nbytes])
+
+    def corrupt(self, offset: int) -> None:
+        """Flip one bit in the slab (device memory gone bad under a lease)."""
+        self._map[offset] ^= 1
+
+    def ipc_handle(self) -> bytes:
+        return self.path.encode()
+
+    def close(self) -> None:
+        import os
+
+        self._tensor = None
+        try:
+            self._map.close()
+        except BufferError:  # a test still holds a view; the GC unmaps it
+            pass
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def open_host_slab(resp):  # -> kvstore.client._gpu.OpenedSlab
+    """The client side of `HostSlab`: map the file a LeaseGpuChunks response names."""
+    import mmap
+
+    import torch
+
+    from kvstore.client._gpu import OpenedSlab
+
+    with open(resp.ipc_handle.decode(), "r+b") as fh:
+        mapped = mmap.mmap(fh.fileno(), resp.slab_bytes)
+    tensor = torch.frombuffer(mapped, dtype=torch.uint8)
+    return OpenedSlab(tensor, bytes(resp.slab_nonce), lambda: None)

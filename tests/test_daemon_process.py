@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,49 +15,17 @@ import pytest
 from kvstore.client import Client, fetch_stats
 from kvstore.errors import KVStoreError
 from tests.conftest import make_kv, make_tokens
+from tests.daemon_proc import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
+class Daemon(DaemonProcess):
     """`python -m kvstore serve` on a free loopback port, data in ``data_dir``."""
 
     def __init__(self, tmp: Path, data_dir: Path) -> None:
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        config = tmp / "kvstore.toml"
-        config.write_text("[engine]\nflush_interval_s = 0.1\n"
-                          "[server]\ndrain_timeout_s = 2.0\n")
-        self.log = open(tmp / f"daemon-{self.port}.log", "w")  # noqa: SIM115 - closed in stop
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve", "--config", str(config),
-             "--listen", self.address, "--data-dir", str(data_dir)],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                fetch_stats(self.address, timeout_s=1)
-                return
-            except KVStoreError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop(signal.SIGKILL)
-                    log = Path(self.log.name).read_text()
-                    raise RuntimeError(f"daemon did not start: {log}") from None
-                time.sleep(0.1)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-        code = self.proc.wait(timeout=30)
-        self.log.close()
-        return code
+        super().__init__(tmp, data_dir, "[engine]\nflush_interval_s = 0.1\n"
+                                        "[server]\ndrain_timeout_s = 2.0\n")
 
 
 def test_restart_after_sigterm_serves_everything_put(tmp_path, layout):

@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FOUNDATION = {"kvstore.errors", "kvstore._version", "kvstore.layout", "kvstore.keys",
-              "kvstore._proto", "kvstore._frames", "kvstore.arena_file", "kvstore._progress"}
+              "kvstore._proto", "kvstore._frames", "kvstore.arena_file", "kvstore._progress",
+              "kvstore.device_checksum"}
 # component -> the components it may import (besides itself). Read bottom-up: each
 # layer may use the ones above it in this table.
 ALLOWED: dict[str, set[str]] = {
@@ -28,13 +29,14 @@ ALLOWED: dict[str, set[str]] = {
     "kvstore._proto": set(),
     "kvstore._frames": {"kvstore.errors", "kvstore._proto"},
     "kvstore.arena_file": {"kvstore.errors"},
-    "kvstore._progress": set(),  # progress bars on a terminal's stderr (rich)
+    "kvstore._progress": set(),
+    "kvstore.device_checksum": set(),  # the chunk checksum computed on CPU and GPU alike  # progress bars on a terminal's stderr (rich)
     # below the codec: configuration, model knowledge, Triton kernels
     "kvstore.config": {"kvstore.errors"},
     "kvstore.config_doc": {"kvstore.config"},  # the reference generated from the config
     "kvstore.logs": set(),  # log line formats (text, JSON)
     "kvstore.models": {"kvstore.errors", "kvstore.layout"},
-    "kvstore.kernels": {"kvstore.errors", "kvstore.models"},
+    "kvstore.kernels": {"kvstore.errors", "kvstore.models", "kvstore.device_checksum"},
     # the daemon, bottom-up
     "kvstore.codec": FOUNDATION | {"kvstore.kernels", "kvstore.models"},
     "kvstore.arena": FOUNDATION,
@@ -45,7 +47,10 @@ ALLOWED: dict[str, set[str]] = {
     "kvstore.server": FOUNDATION | {"kvstore.config", "kvstore.codec", "kvstore.tiers",
                                     "kvstore.engine", "kvstore.quotas", "kvstore.logs"},
     # the client side: no config, tiers, engine, server or kernels
-    "kvstore.client": FOUNDATION | {"kvstore.codec"},
+    # kernels: only the device-to-device chunk copy of get(device="cuda"), imported when
+    # a caller asks for device output (tests/client/test_imports.py: a plain client
+    # loads neither torch nor triton)
+    "kvstore.client": FOUNDATION | {"kvstore.codec", "kvstore.kernels"},
     "kvstore.integrations": FOUNDATION | {"kvstore.models", "kvstore.client"},
     "kvstore.sparse": FOUNDATION | {"kvstore.models", "kvstore.kernels", "kvstore.codec",
                                     "kvstore.client"},

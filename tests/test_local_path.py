@@ -159,9 +159,10 @@ def test_corrupt_arena_bytes_are_never_returned(client, layout, server):
     arena._view[extent.offset + extent.length - 7] ^= 0x10
     with pytest.raises(Corrupt):
         client(transport="arena").get(tokens, as_numpy=True)
-    back = client().get(tokens, as_numpy=True)  # falls back to Get, which drops chunk 1
+    # Falls back to Get: DRAM's bad copy of chunk 1 is dropped, and chunk 1 comes back
+    # good from the disk if write-back already put it there, else the get stops before it.
+    back = client().get(tokens, as_numpy=True)
     assert back is None or np.array_equal(back, kv[:, :, :, : back.shape[3]])
-    assert back is None or back.shape[3] <= 16
 
 
 def test_tenants_get_streamed_path_unless_allowed(tmp_path, layout):

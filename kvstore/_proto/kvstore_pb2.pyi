@@ -353,6 +353,50 @@ class CommitExtentsResponse(_message.Message):
     num_chunks_present: int
     def __init__(self, num_chunks_stored: _Optional[int] = ..., num_chunks_present: _Optional[int] = ...) -> None: ...
 
+class LeaseGpuChunksRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "position_free", "ttl_ms")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    position_free: bool
+    ttl_ms: int
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., position_free: _Optional[bool] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class GpuChunkExtent(_message.Message):
+    __slots__ = ("offset_bytes", "length_bytes", "device_checksum")
+    OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    offset_bytes: int
+    length_bytes: int
+    device_checksum: int
+    def __init__(self, offset_bytes: _Optional[int] = ..., length_bytes: _Optional[int] = ..., device_checksum: _Optional[int] = ...) -> None: ...
+
+class LeaseGpuChunksResponse(_message.Message):
+    __slots__ = ("lease_id", "ttl_ms", "extents", "num_chunks_stored", "ipc_handle", "pci_bus_id", "slab_bytes", "slab_nonce", "boot_id")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PCI_BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    SLAB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLAB_NONCE_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    ttl_ms: int
+    extents: _containers.RepeatedCompositeFieldContainer[GpuChunkExtent]
+    num_chunks_stored: int
+    ipc_handle: bytes
+    pci_bus_id: str
+    slab_bytes: int
+    slab_nonce: bytes
+    boot_id: str
+    def __init__(self, lease_id: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[GpuChunkExtent, _Mapping]]] = ..., num_chunks_stored: _Optional[int] = ..., ipc_handle: _Optional[bytes] = ..., pci_bus_id: _Optional[str] = ..., slab_bytes: _Optional[int] = ..., slab_nonce: _Optional[bytes] = ..., boot_id: _Optional[str] = ...) -> None: ...
+
 class FetchBlocksRequest(_message.Message):
     __slots__ = ("namespace", "tokens_le_i32", "layer", "kind", "block_tokens", "heads", "blocks")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -89,6 +89,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsResponse.FromString,
                 _registered_method=True)
+        self.LeaseGpuChunks = channel.unary_unary(
+                '/kvstore.v1.KVStore/LeaseGpuChunks',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksResponse.FromString,
+                _registered_method=True)
         self.FetchBlocks = channel.unary_unary(
                 '/kvstore.v1.KVStore/FetchBlocks',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.FetchBlocksRequest.SerializeToString,
@@ -167,7 +172,7 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseLease(self, request, context):
-        """End a lease taken by LeaseChunks (it also ends by itself after its TTL).
+        """End a lease taken by LeaseChunks or LeaseGpuChunks (it also ends after its TTL).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +187,14 @@ class KVStoreServicer:
 
     def CommitExtents(self, request, context):
         """Same-host put: verify the objects written into a reservation and store them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaseGpuChunks(self, request, context):
+        """Same-host GPU path: place the leading stored chunks in HBM, pin them and return
+        where they lie in the slab with its CUDA IPC handle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,6 +279,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.CommitExtents,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsResponse.SerializeToString,
+            ),
+            'LeaseGpuChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseGpuChunks,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksResponse.SerializeToString,
             ),
             'FetchBlocks': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchBlocks,
@@ -580,6 +598,33 @@ class KVStore:
             '/kvstore.v1.KVStore/CommitExtents',
             kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseGpuChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/LeaseGpuChunks',
+            kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksResponse.FromString,
             options,
             channel_credentials,
             insecure,

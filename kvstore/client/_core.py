@@ -27,6 +27,7 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import _arena_put as arena_put
 from kvstore.client import _blobs as blobs
 from kvstore.client import _codec as codecs
+from kvstore.client import _gpu as gpu
 from kvstore.client import _local as local
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections
@@ -72,6 +73,7 @@ class ClientCore:
         self.max_blob_part_bytes = max_blob_part_bytes  # larger blobs are stored in parts
         self.num_broken_blobs = 0  # parted blobs read with a part missing or not matching
         self._local = local.LocalPath(transport)
+        self._gpu = gpu.GpuPath()
         self._codec = codecs.check_codec(codec)
         self._conns = self.connections(addresses, token=token, tls_ca_file=tls_ca_file,
                                        timeout_s=timeout_s, max_message_bytes=max_message_bytes,
@@ -129,6 +131,9 @@ class ClientCore:
         checksum (about a third of the copy's time; the daemon verified every object
         when it was stored, and the lease keeps its bytes from changing). Streamed
         gets always verify.
+        With ``decode="server"``, ``device`` is where the result lands: for a CUDA
+        device a same-host client copies raw chunks device to device out of the
+        daemon's GPU tier (falling back to the arena, then the stream).
         """
         return (yield from self._get(tokens, layers=layers, as_numpy=as_numpy,
                                      position_free=False, decode=decode, device=device,
@@ -420,9 +425,13 @@ class ClientCore:
                                       "decode='client' use the returned tensor")
             got = yield from self._get_encoded(arr, chosen, position_free, device)
             return None if got is None else proto.tensor_result(got, self.layout, as_numpy)
+        if out is None:
+            got = yield from self._get_gpu(arr, chosen, position_free, device)
+            if got is not local.STREAM:
+                return got
         got = yield from self._get_local(arr, chosen, position_free, dest, verify)
         if got is not local.STREAM:
-            return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
+            return self._result(got, out, dest, device, as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -435,7 +444,37 @@ class ClientCore:
             return asm.result()
 
         got = yield from self._failover("Get", attempt)
-        return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
+        return self._result(got, out, dest, device, as_numpy)
+
+    def _result(self, got: Any, out: Any, dest: Any, device: Any, as_numpy: bool) -> Any:
+        """What ``get`` returns for a storage array (or None): ``out``'s leading tokens
+        when the caller gave ``out``, else a new tensor on ``device``."""
+        if out is not None:
+            return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
+        return None if got is None else gpu.on_device(from_storage(
+            got, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
+
+    def _get_gpu(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                 device: Any) -> Plan[Any]:
+        """The GPU-lease read of ``_get``: a tensor on ``device``, None or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not (self._gpu.wants(index, device) and self._local.wants(index, address)):
+            return local.STREAM
+        try:
+            resp = yield Unary(index, "LeaseGpuChunks",
+                               gpu.lease_request(self._ns, arr, position_free),
+                               self._conns.timeout_s)
+        except grpc.RpcError as exc:
+            self._gpu.fallback(index, address, error_from_rpc(exc, address))
+            return local.STREAM
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        try:  # the copies are short device work: no worker thread
+            return self._gpu.read_lease(index, address, resp, self.layout, per_chunk,
+                                        chosen or list(range(self.layout.num_layers)), device)
+        finally:
+            if resp.lease_id:
+                yield from self._release(index, resp.lease_id)
 
     def _get_encoded(self, arr: Any, chosen: list[int] | None, position_free: bool,
                      device: Any) -> Plan[Any]:

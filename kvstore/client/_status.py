@@ -8,6 +8,7 @@ from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     KVStoreError,
     NotFound,
@@ -25,6 +26,7 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[KVStoreError]] = {
     grpc.StatusCode.DATA_LOSS: Corrupt,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 # Codes after which the same call may succeed on another daemon. CANCELLED is

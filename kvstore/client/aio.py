@@ -124,6 +124,7 @@ class AsyncClient(ClientCore):
 
     async def close(self) -> None:
         self._local.close()
+        self._gpu.close()
         await self._conns.aclose()  # type: ignore[attr-defined]
 
     async def __aenter__(self) -> AsyncClient:

@@ -143,6 +143,7 @@ class Client(ClientCore):
 
     def close(self) -> None:
         self._local.close()
+        self._gpu.close()
         self._conns.close()
 
     def __enter__(self) -> Client:

@@ -154,9 +154,14 @@ def pack_header_prefix(*, codec_id: int, codec_level: int, dtype: str, flags: in
     )[:_CHECKED_PREFIX]
 
 
-def read_header(data: bytes | memoryview) -> ObjectHeader:
-    """Parse and range-check the header; raises Corrupt. Does not verify the checksum."""
+def read_header(data: bytes | memoryview, object_bytes: int | None = None) -> ObjectHeader:
+    """Parse and range-check the header; raises Corrupt. Does not verify the checksum.
+
+    ``object_bytes``: the whole object's size when ``data`` is only its first bytes
+    (a client that copied the header of an object held in device memory).
+    """
     view = memoryview(data)
+    total_bytes = view.nbytes if object_bytes is None else object_bytes
     if view.nbytes < HEADER_BYTES:
         raise Corrupt(f"object is {view.nbytes} bytes, shorter than the {HEADER_BYTES}-byte header")
     (magic, version, codec_id, level, dtype_code, flags, layers, heads, dim, tokens,
@@ -174,8 +179,8 @@ def read_header(data: bytes | memoryview) -> ObjectHeader:
     if min(layers, heads, dim, tokens) == 0:
         raise Corrupt(f"empty layout in header: layers={layers} heads={heads} dim={dim} "
                       f"tokens={tokens}")
-    if view.nbytes != HEADER_BYTES + payload_bytes:
-        raise Corrupt(f"object is {view.nbytes} bytes, header says {HEADER_BYTES + payload_bytes}")
+    if total_bytes != HEADER_BYTES + payload_bytes:
+        raise Corrupt(f"object is {total_bytes} bytes, header says {HEADER_BYTES + payload_bytes}")
     if 4 * num_sections + meta_bytes > payload_bytes:
         raise Corrupt(f"section table ({num_sections} entries) and meta ({meta_bytes} bytes) "
                       f"exceed the payload of {payload_bytes} bytes")

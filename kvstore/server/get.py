@@ -51,24 +51,26 @@ class ChunkStreamer:
 
     def load(self, key: ChunkKey, encoded: bool) -> bytes | None:
         """A stored object (verified; raw unless ``encoded``) or None; a corrupt one is
-        dropped and counted."""
-        obj = self._engine.get(key)
-        if obj is None:
-            return None
-        try:
-            if encoded:
-                objects.verify_stored(obj)
-                return obj
-            started = time.perf_counter()
-            raw = objects.stored_to_raw(obj)
-            if raw is not obj:  # decoded (kvq) and re-packed raw: the daemon's codec work
-                self._counters.observe_codec("decode", time.perf_counter() - started)
-            return raw
-        except Corrupt as exc:
-            self._counters.count_corrupt_read()
-            log.warning("dropping stored object %s: %s", key.hex()[:16], exc)
-            self._engine.delete(key)
-            return None
+        dropped and counted. A corrupt DRAM copy is dropped alone and the chunk read
+        again, from a lower tier that still has a good copy."""
+        for _ in range(2):
+            obj = self._engine.get(key)
+            if obj is None:
+                return None
+            try:
+                if encoded:
+                    objects.verify_stored(obj)
+                    return obj
+                started = time.perf_counter()
+                raw = objects.stored_to_raw(obj)
+                if raw is not obj:  # decoded (kvq) and re-packed raw: the daemon's codec work
+                    self._counters.observe_codec("decode", time.perf_counter() - started)
+                return raw
+            except Corrupt as exc:
+                self._counters.count_corrupt_read()
+                log.warning("dropping stored object %s: %s", key.hex()[:16], exc)
+                self._engine.drop_corrupt(key, obj)  # a bad DRAM copy spares good disk copies
+        return None
 
     def _load_run(self, keys: list[ChunkKey]) -> list[bytes]:
         """Raw objects of the leading run of keys that load cleanly."""

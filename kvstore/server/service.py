@@ -32,7 +32,7 @@ from kvstore.errors import (
     Unauthenticated,
 )
 from kvstore.keys import ChunkKey, Namespace
-from kvstore.server import blobs, local, objects
+from kvstore.server import blobs, gpu, local, objects
 from kvstore.server.auth import Authenticator, LeaseOwners
 from kvstore.server.blocks import batch_from_proto, fetch_blocks
 from kvstore.server.get import ENVELOPE_BYTES, ChunkStreamer
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Tier facts a tenant may see in Stats: configuration, not anyone's traffic.
+_TENANT_VISIBLE_INFO = frozenset({"io", "fsync", "hugepages", "mode", "state"})
 
 
 def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -259,7 +261,23 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     @_rpc
     async def Stats(self, request: pb.StatsRequest, context: Any, tenant: str | None):
+        """Daemon-wide figures; with bearer tokens, only what no other tenant's use moves.
+
+        Occupancy, hit counts and request counts sum every tenant's traffic, so one
+        tenant would learn another's activity from them: a tenant sees each tier's name,
+        capacity and configuration facts only (the operator reads the daemon-wide
+        figures from the metrics endpoint).
+        """
         tiers = await self._run(self._engine.stats)
+        if tenant is not None:
+            return pb.StatsResponse(
+                tiers=[pb.TierStats(name=t.name, capacity_bytes=t.capacity_bytes,
+                                    info={k: str(v) for k, v in t.info.items()
+                                          if k in _TENANT_VISIBLE_INFO})
+                       for t in tiers],
+                uptime_ms=int(self._counters.uptime_s * 1000),
+                version=__version__,
+            )
         return pb.StatsResponse(
             tiers=[
                 pb.TierStats(
@@ -306,7 +324,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                            tenant: str | None):
         self._same_host.check(context.peer(), tenant)
         self._lease_owners.check_release(request.lease_id, tenant)
-        self._engine.dram.release_lease(request.lease_id)  # a dict operation: no pool hop
+        gpu.release_any_lease(self._engine, request.lease_id)  # dict operations: no pool hop
         return pb.ReleaseLeaseResponse()
 
     @_rpc
@@ -340,6 +358,22 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         stored, present = await self._run(local.commit_run, self._engine, self._registry,
                                           request.reservation_id)
         return pb.CommitExtentsResponse(num_chunks_stored=stored, num_chunks_present=present)
+
+    @_rpc
+    async def LeaseGpuChunks(self, request: pb.LeaseGpuChunksRequest, context: Any,
+                             tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        tier = gpu.gpu_tier_of(self._engine)
+        namespace = self._namespace(request, tenant)
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=request.position_free)
+        keys = chunk_keys(namespace, tokens, position_free=request.position_free)
+        ttl_s = gpu.lease_ttl_s(tier, request.ttl_ms)
+        run = await self._run(gpu.gpu_lease_run, self._engine, keys, ttl_s)
+        return pb.LeaseGpuChunksResponse(
+            lease_id=run.lease_id, ttl_ms=int(run.ttl_s * 1000), num_chunks_stored=run.num_stored,
+            extents=[pb.GpuChunkExtent(offset_bytes=e.offset, length_bytes=e.length,
+                                       device_checksum=e.checksum) for e in run.extents],
+            **gpu.slab_info(tier))
 
     # ------------------------------------------------------------ FetchBlocks
 
@@ -406,7 +440,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             except Corrupt as exc:
                 self._counters.count_corrupt_read()
                 log.warning("dropping stored blob %s: %s", key.hex()[:16], exc)
-                self._engine.delete(key)
+                self._engine.drop_corrupt(key, obj)
                 return None
 
         data = await self._run(load)

@@ -17,6 +17,7 @@ from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     KVStoreError,
     NotFound,
@@ -38,6 +39,7 @@ STATUS_BY_ERROR: tuple[tuple[type[KVStoreError], grpc.StatusCode], ...] = (
     (Corrupt, grpc.StatusCode.DATA_LOSS),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

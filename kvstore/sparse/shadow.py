@@ -25,9 +25,11 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -182,7 +184,16 @@ class ShadowBundle:
         payload = data[HEADER_BYTES:]
         if len(payload) != length or xxhash.xxh64_intdigest(payload) != checksum:
             raise Corrupt("shadow bundle payload fails its length or checksum")
-        meta = json.loads(_metadata(payload))
+        try:  # past the checksum, which a forger can recompute: every field is checked
+            return cls._parse(payload, capacity_blocks)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError,
+                SafetensorError) as exc:
+            raise Corrupt(f"shadow bundle does not parse: {type(exc).__name__}: {exc}") \
+                from None
+
+    @classmethod
+    def _parse(cls, payload: bytes, capacity_blocks: int) -> ShadowBundle:
+        meta = _checked_meta(json.loads(_metadata(payload)))
         tensors = st_load(payload)
         layers = {}
         for key, used in meta["layers"].items():
@@ -194,9 +205,28 @@ class ShadowBundle:
             _check_rows(sh)
             sh.reserve(capacity_blocks)
             layers[int(key)] = sh
+        tail_k, tail_v = tensors["tail_k_pre"], tensors["tail_v"]
+        if tail_k.dim() != 4 or tail_v.shape != tail_k.shape \
+                or not 0 <= tail_k.shape[2] <= meta["num_tokens"]:
+            raise Corrupt(f"bundle tail of shape {tuple(tail_k.shape)} / {tuple(tail_v.shape)} "
+                          f"does not fit {meta['num_tokens']} tokens")
         return cls(meta["fingerprint"], meta["num_tokens"], meta["block_tokens"],
-                   tensors["rope_inv_freq"], meta["rope_scaling"], layers,
-                   tensors["tail_k_pre"], tensors["tail_v"])
+                   tensors["rope_inv_freq"], meta["rope_scaling"], layers, tail_k, tail_v)
+
+
+def _checked_meta(meta: Any) -> dict[str, Any]:
+    """The bundle's JSON metadata, with each field of the type and range it must have."""
+    def is_count(v: Any, least: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    ok = (isinstance(meta, dict) and isinstance(meta.get("fingerprint"), str)
+          and is_count(meta.get("num_tokens")) and is_count(meta.get("block_tokens"), 1)
+          and isinstance(meta.get("rope_scaling"), int | float)
+          and isinstance(meta.get("layers"), dict)
+          and all(k.isdigit() and is_count(v) for k, v in meta["layers"].items()))
+    if not ok:
+        raise Corrupt(f"shadow bundle metadata is malformed: {str(meta)[:200]}")
+    return meta
 
 
 def _metadata(payload: bytes) -> str:

@@ -8,8 +8,11 @@ runs the POSIX backend, and the kvikio one is tested on a GPU machine
 loads cupy or kvikio.
 
 Writes stay POSIX in both backends (temp file + fsync + rename is what makes them
-crash-safe); kvikio serves reads, and ``read_into_device`` lands an object in
-GPU memory without a bounce through pageable host memory.
+crash-safe); kvikio serves reads. ``read_into`` fills a caller's host buffer (the
+GPU tier's pinned staging buffer, so a chunk goes file -> pinned -> HBM with no
+pageable bounce and is verified in between); ``read_to_device`` picks how a file
+reaches device memory: kvikio straight into it (GDS, or kvikio's compat path) when
+the backend is kvikio, else a POSIX read into host staging and one H2D copy.
 """
 
 from __future__ import annotations
@@ -26,8 +29,17 @@ logger = logging.getLogger(__name__)
 class DiskIO(Protocol):
     name: str  # shown in stats: "posix", "kvikio-gds" or "kvikio-compat"
 
-    def read(self, path: str) -> tuple[bytes, int]:
-        """Whole file contents and its inode number."""
+    def read(self, path: str, tail_bytes: int = 0) -> tuple[bytes, bytes, int]:
+        """The file as (all but its last ``tail_bytes``, those last bytes, inode number).
+
+        The disk tier keeps a key record after each object (``tiers/record.py``); the
+        split is made by the reads themselves, so the object is never copied to cut
+        the record off. A file shorter than ``tail_bytes`` gives ``(b"", whole file)``.
+        """
+        ...
+
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        """Read the file's first ``len(out)`` bytes into ``out``; (bytes read, inode)."""
         ...
 
 
@@ -36,21 +48,43 @@ class PosixIO:
 
     name = "posix"
 
-    def read(self, path: str) -> tuple[bytes, int]:
+    def read(self, path: str, tail_bytes: int = 0) -> tuple[bytes, bytes, int]:
         fd = os.open(path, os.O_RDONLY)
         try:
             st = os.fstat(fd)
-            parts: list[bytes] = []
-            remaining = st.st_size
-            while remaining > 0:
-                part = os.read(fd, remaining)
-                if not part:
-                    break  # shorter than stat said: verification reports it truncated
-                parts.append(part)
-                remaining -= len(part)
+            head_bytes = max(0, st.st_size - tail_bytes)
+            head = _read_exactly(fd, head_bytes)
+            tail = _read_exactly(fd, st.st_size - head_bytes) if len(head) == head_bytes else b""
         finally:
             os.close(fd)
-        return (parts[0] if len(parts) == 1 else b"".join(parts)), st.st_ino
+        return head, tail, st.st_ino
+
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        with open(path, "rb", buffering=0) as fh:
+            inode = os.fstat(fh.fileno()).st_ino
+            num_read = 0
+            while num_read < len(out):
+                got = fh.readinto(out[num_read:])
+                if not got:
+                    break  # shorter than expected: verification reports it truncated
+                num_read += got
+        return num_read, inode
+
+
+def _read_exactly(fd: int, num_bytes: int) -> bytes:
+    """Up to ``num_bytes`` from ``fd``; fewer only if the file is shorter than stat said
+    (then verification reports it truncated)."""
+    parts: list[bytes] = []
+    remaining = num_bytes
+    while remaining > 0:
+        part = os.read(fd, remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    if len(parts) == 1:
+        return parts[0]  # one allocation, no extra copy
+    return b"".join(parts)
 
 
 class KvikioIO:
@@ -68,12 +102,22 @@ class KvikioIO:
         is_compat = bool(compat) if isinstance(compat, bool) else str(compat).endswith("ON")
         self.name = "kvikio-compat" if is_compat else "kvikio-gds"
 
-    def read(self, path: str) -> tuple[bytes, int]:
+    def read(self, path: str, tail_bytes: int = 0) -> tuple[bytes, bytes, int]:
         st = os.stat(path)
         buf = self._cupyx.empty_pinned((st.st_size,), dtype="uint8")
         with self._kvikio.CuFile(path, "r") as fh:
             num_read = fh.read(buf)
-        return bytes(memoryview(buf)[:num_read]), st.st_ino
+        view = memoryview(buf)[:num_read]
+        head_bytes = max(0, num_read - tail_bytes)
+        return bytes(view[:head_bytes]), bytes(view[head_bytes:]), st.st_ino
+
+    def read_into(self, path: str, out: memoryview) -> tuple[int, int]:
+        import numpy as np
+
+        inode = os.stat(path).st_ino
+        with self._kvikio.CuFile(path, "r") as fh:
+            num_read = fh.read(np.frombuffer(out, dtype=np.uint8))
+        return int(num_read), inode
 
     def read_into_device(self, path: str, out: Any) -> int:
         """Read a whole file into a device buffer (cupy/torch CUDA array); bytes read."""
@@ -115,3 +159,29 @@ def select_io(mode: str) -> DiskIO:
         return PosixIO()
     logger.info("disk tier reads through %s", io.name)
     return io
+
+
+def device_read_mode(io: DiskIO) -> str:
+    """How ``read_to_device`` reaches device memory with this backend."""
+    return "kvikio-direct" if isinstance(io, KvikioIO) else "host-staged"
+
+
+def read_to_device(io: DiskIO, path: str, out: Any, staging: memoryview) -> int:
+    """Read a whole file into ``out`` (a 1-D uint8 device tensor or cupy array).
+
+    kvikio reads straight into it (GDS where the driver has it, else kvikio's own
+    compat path); any other backend reads into ``staging`` (pinned host memory,
+    at least the file's size) and copies host to device once. Unverified: callers
+    that need verified bytes read into host memory (``read_into``) and check there.
+
+    Returns:
+        Bytes read (the file's size unless it shrank meanwhile).
+    """
+    if isinstance(io, KvikioIO):
+        return io.read_into_device(path, out)
+    num_read, _ = io.read_into(path, staging)
+    import torch
+
+    host = torch.frombuffer(staging, dtype=torch.uint8)[:num_read]
+    torch.as_tensor(out)[:num_read].copy_(host, non_blocking=False)
+    return num_read

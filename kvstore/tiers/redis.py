@@ -1,7 +1,11 @@
 """The Redis tier: one key per chunk on a standalone server, a Sentinel master or a Cluster.
 
-Keys are ``key_prefix + hex(chunk key)``, values the KVC1 objects exactly as the
-engine encoded them (the codec is chosen upstream; every read is verified here).
+Keys are ``key_prefix + hex(chunk key)``; each is a hash of two fields: ``o``, the
+KVC1 object exactly as the engine encoded it (the codec is chosen upstream), and
+``k``, its key record (``tiers/record.py``), which names the chunk. One HMGET reads
+both without copying the object; every read checks the record and verifies the
+object, so a value copied to another key, or a plain string value (written before
+records existed), is a corrupt miss and is deleted.
 Every Redis error or timeout is a miss (get/contains) or a refused write (put),
 counted in ``stats().errors``; a per-node circuit breaker stops calling a dead
 node until a probe finds it answering again. A daemon started while Redis is
@@ -25,6 +29,7 @@ from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import TierStats
 from kvstore.tiers.circuit import CircuitBreaker
+from kvstore.tiers.record import check_record, pack_record
 from kvstore.tiers.redis_nodes import (
     NODE_ERRORS,
     NodeOptions,
@@ -39,7 +44,10 @@ log = logging.getLogger(__name__)
 # Redis refuses bulk strings above proto-max-bulk-len (512 MiB by default).
 REDIS_MAX_BULK_BYTES = 512 * MiB
 _FAILED: Any = object()  # reply slot of a command whose node failed or was not called
-AddCommand = Callable[[Any, int], None]  # (pipeline, index) -> queue one command
+_WRONG_TYPE: Any = object()  # reply slot of a command that met a value of another type
+AddCommand = Callable[[Any, int], None]  # (pipeline, index) -> queue the index's commands
+_RECORD_FIELD = b"k"  # hash field of the key record
+_OBJECT_FIELD = b"o"  # hash field of the KVC1 object
 
 
 @dataclass(slots=True)
@@ -132,8 +140,10 @@ class RedisTier:
 
     # -- batched commands ----------------------------------------------------------------
 
-    def _execute(self, rkeys: Sequence[bytes], add: AddCommand) -> list[Any]:
-        """Run one command per key, pipelined per node; ``_FAILED`` where no reply came."""
+    def _execute(self, rkeys: Sequence[bytes], add: AddCommand, per_key: int = 1) -> list[Any]:
+        """Run ``per_key`` commands per key, pipelined per node; each key's slot gets its
+        first command's reply, ``_FAILED`` where any failed or none came, and
+        ``_WRONG_TYPE`` where the key holds a value of another type."""
         results: list[Any] = [_FAILED] * len(rkeys)
         router = self._ensure_router()
         if router is None:
@@ -144,7 +154,7 @@ class RedisTier:
         for _ in range(2):  # the second round follows MOVED replies once
             moved: list[int] = []
             for node, idx in pending:
-                moved += self._execute_on(router, node, idx, add, results)
+                moved += self._execute_on(router, node, idx, add, results, per_key)
             if not moved:
                 break
             regrouped = router.route([rkeys[i] for i in moved])
@@ -152,7 +162,7 @@ class RedisTier:
         return results
 
     def _execute_on(self, router: Router, node: RedisNode, idx: list[int], add: AddCommand,
-                    results: list[Any]) -> list[int]:
+                    results: list[Any], per_key: int) -> list[int]:
         """Pipeline ``idx``'s commands to one node; returns the indices answered MOVED."""
         if not node.breaker.allow():
             self._count_refused(len(idx))
@@ -168,12 +178,17 @@ class RedisTier:
             return []
         self._node_answered(node)
         moved: list[int] = []
-        for i, reply in zip(idx, replies, strict=True):
+        for n, i in enumerate(idx):
+            group = replies[n * per_key : (n + 1) * per_key]
+            reply = group[0]
+            error = next((r for r in group if isinstance(r, Exception)), None)
             if isinstance(reply, redis.exceptions.MovedError):
                 router.note_moved(reply.slot_id, reply.host, reply.port)
                 moved.append(i)
-            elif isinstance(reply, Exception):
-                log.debug("redis tier: command on %s failed: %s", node.name, reply)
+            elif error is not None and str(error).startswith("WRONGTYPE"):
+                results[i] = _WRONG_TYPE
+            elif error is not None:
+                log.debug("redis tier: command on %s failed: %s", node.name, error)
             else:
                 results[i] = reply
         return moved
@@ -205,20 +220,28 @@ class RedisTier:
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
-        """Pipelined GETs; each value is verified, a corrupt one is deleted and missed."""
+        """Pipelined HMGETs; each value's key record and object are checked, and a
+        corrupt value (or one of another type) is deleted and missed."""
         rkeys = [self.redis_key(k) for k in keys]
-        replies = self._execute(rkeys, lambda pipe, i: pipe.get(rkeys[i]))
+        replies = self._execute(
+            rkeys, lambda pipe, i: pipe.hmget(rkeys[i], [_RECORD_FIELD, _OBJECT_FIELD]))
         out: list[bytes | None] = []
         corrupt: list[bytes] = []
         num_errors = read_bytes = 0
-        for rkey, reply in zip(rkeys, replies, strict=True):
+        for key, rkey, reply in zip(keys, rkeys, replies, strict=True):
             value = None
             if reply is _FAILED:
                 num_errors += 1
-            elif reply is not None:
+            elif reply is _WRONG_TYPE:
+                log.warning("redis tier: dropping value %s: not a kvstore hash (written "
+                            "before key records, or by something else)", rkey.decode())
+                corrupt.append(rkey)
+            elif reply[1] is not None:
+                record, obj = reply
                 try:
-                    verify_object(reply)
-                    value, read_bytes = reply, read_bytes + len(reply)
+                    check_record(record or b"", key, obj)
+                    verify_object(obj)
+                    value, read_bytes = obj, read_bytes + len(obj)
                 except Corrupt as exc:
                     log.warning("redis tier: dropping corrupt value %s: %s", rkey.decode(), exc)
                     corrupt.append(rkey)
@@ -239,7 +262,8 @@ class RedisTier:
         return self.put_many([(key, obj)])[0]
 
     def put_many(self, items: Sequence[tuple[ChunkKey, bytes]]) -> list[bool]:
-        """Pipelined SETs (with PX when ttl_s is set); False where Redis did not take it."""
+        """Pipelined HSETs of record and object (+ PEXPIRE when ttl_s is set); False
+        where Redis did not take it."""
         limit = self._config.max_value_bytes
         send = [i for i, (_, obj) in enumerate(items) if len(obj) <= limit]
         if len(send) < len(items):
@@ -247,12 +271,27 @@ class RedisTier:
                                     len(items[i][1]) > limit])
         rkeys = [self.redis_key(items[i][0]) for i in send]
         objs = [items[i][1] for i in send]
-        replies = self._execute(
-            rkeys, lambda pipe, j: pipe.set(rkeys[j], objs[j], px=self._ttl_ms))
+        records = [pack_record(items[i][0], items[i][1]) for i in send]
+        ttl_ms = self._ttl_ms
+
+        def add(pipe: Any, j: int) -> None:
+            pipe.hset(rkeys[j], mapping={_RECORD_FIELD: records[j], _OBJECT_FIELD: objs[j]})
+            if ttl_ms is not None:
+                pipe.pexpire(rkeys[j], ttl_ms)
+
+        per_key = 1 if ttl_ms is None else 2
+        replies = self._execute(rkeys, add, per_key)
+        wrong = [j for j, reply in enumerate(replies) if reply is _WRONG_TYPE]
+        if wrong:  # plain values written before key records: replace them
+            self._execute([rkeys[j] for j in wrong], lambda pipe, n: pipe.unlink(rkeys[wrong[n]]))
+            retried = self._execute([rkeys[j] for j in wrong], lambda pipe, n: add(pipe, wrong[n]),
+                                    per_key)
+            for j, reply in zip(wrong, retried, strict=True):
+                replies[j] = reply
         ok = [False] * len(items)
         written = 0
         for i, obj, reply in zip(send, objs, replies, strict=True):
-            if reply is True:
+            if reply is not _FAILED and reply is not _WRONG_TYPE:
                 ok[i] = True
                 written += len(obj)
         with self._lock:

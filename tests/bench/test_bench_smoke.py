@@ -23,8 +23,11 @@ FAST = {
     "bench_redis.py": ["--smoke"],
     "bench_codec.py": ["--smoke"],
     "bench_codec_gpu.py": ["--smoke"],
+    "bench_gpu_io.py": ["--smoke"],
+    "bench_sparse_gpu.py": ["--smoke"],
     "bench_blob_parts.py": ["--smoke"],
     "bench_micro.py": ["--smoke"],
+    "bench_durability.py": ["--smoke"],
 }
 WITH_MODEL = {
     "bench_ttft.py": ["--sizes", "256", "--repeat", "1", "--chunk-tokens", "128", "--no-plot",

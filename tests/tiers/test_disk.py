@@ -15,14 +15,16 @@ from kvstore.config import DiskTierConfig
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import Tier
 from kvstore.tiers.disk import DiskTier
+from kvstore.tiers.record import RECORD_BYTES, pack_record
 from tests.fakes import flip_bit, make_key, make_object
 
 OBJ_BYTES = len(make_object(seed=0))
+FILE_BYTES = OBJ_BYTES + RECORD_BYTES  # an object file: the object, then its key record
 
 
 def _tier(path: Path, num_objects: int = 64, *, fsync: bool = False) -> DiskTier:
     # fsync is off except where a test is about it: it only slows tests on ext4.
-    return DiskTier(DiskTierConfig(path=str(path), capacity_bytes=num_objects * OBJ_BYTES,
+    return DiskTier(DiskTierConfig(path=str(path), capacity_bytes=num_objects * FILE_BYTES,
                                    fsync=fsync))
 
 
@@ -48,7 +50,7 @@ def test_get_returns_put_object_when_fsync_on(tmp_path: Path) -> None:
     assert tier.put(make_key(1), obj)
     assert tier.get(make_key(1)) == obj
     stats = tier.stats()
-    assert (stats.hits, stats.puts, stats.num_objects, stats.used_bytes) == (1, 1, 1, OBJ_BYTES)
+    assert (stats.hits, stats.puts, stats.num_objects, stats.used_bytes) == (1, 1, 1, FILE_BYTES)
 
 
 def test_object_file_named_by_key_when_put(tmp_path: Path) -> None:
@@ -57,7 +59,8 @@ def test_object_file_named_by_key_when_put(tmp_path: Path) -> None:
     tier.put(key, make_object(seed=7))
     hex_key = key.hex()
     assert _all_files(tmp_path) == [f"{hex_key[:2]}/{hex_key}.kvc"]
-    assert (tmp_path / hex_key[:2] / f"{hex_key}.kvc").read_bytes() == make_object(seed=7)
+    obj = make_object(seed=7)
+    assert (tmp_path / hex_key[:2] / f"{hex_key}.kvc").read_bytes() == obj + pack_record(key, obj)
 
 
 def test_get_returns_none_when_absent(tmp_path: Path) -> None:
@@ -86,11 +89,11 @@ def test_eviction_follows_lru_order_when_full(tmp_path: Path) -> None:
     assert evicted == [keys[1], keys[0], keys[3]]
     assert len(_all_files(tmp_path)) == 3
     stats = tier.stats()
-    assert (stats.evictions, stats.num_objects, stats.used_bytes) == (3, 3, 3 * OBJ_BYTES)
+    assert (stats.evictions, stats.num_objects, stats.used_bytes) == (3, 3, 3 * FILE_BYTES)
 
 
 def test_put_refused_when_object_exceeds_capacity(tmp_path: Path) -> None:
-    tier = DiskTier(DiskTierConfig(path=str(tmp_path), capacity_bytes=OBJ_BYTES - 1, fsync=False))
+    tier = DiskTier(DiskTierConfig(path=str(tmp_path), capacity_bytes=FILE_BYTES - 1, fsync=False))
     assert not tier.put(make_key(0), make_object(seed=0))
     assert _all_files(tmp_path) == []
 
@@ -106,7 +109,7 @@ def test_index_rebuilt_when_reopened(tmp_path: Path) -> None:
     assert reopened.get(make_key(4)) == make_object(seed=4)
     assert reopened.get(make_key(0)) == make_object(seed=0)
     stats = reopened.stats()
-    assert (stats.num_objects, stats.used_bytes) == (5, 5 * OBJ_BYTES)
+    assert (stats.num_objects, stats.used_bytes) == (5, 5 * FILE_BYTES)
 
 
 def test_reopened_index_orders_lru_by_mtime_when_shrunk(tmp_path: Path) -> None:
@@ -135,7 +138,11 @@ def test_leftover_temp_files_removed_when_opened(tmp_path: Path) -> None:
 
 
 def _flip_payload(data: bytes) -> bytes:
-    return flip_bit(data, len(data) - 5, bit=3)
+    return flip_bit(data, len(data) - RECORD_BYTES - 5, bit=3)
+
+
+def _flip_record(data: bytes) -> bytes:
+    return flip_bit(data, len(data) - 20)  # inside the record's object length
 
 
 def _flip_header(data: bytes) -> bytes:
@@ -150,7 +157,12 @@ def _truncate_to_header(data: bytes) -> bytes:
     return data[: HEADER_BYTES - 1]
 
 
-@pytest.mark.parametrize("damage", [_flip_payload, _flip_header, _truncate, _truncate_to_header])
+def _strip_record(data: bytes) -> bytes:
+    return data[:-RECORD_BYTES]  # a file written before key records existed
+
+
+@pytest.mark.parametrize("damage", [_flip_payload, _flip_header, _truncate, _truncate_to_header,
+                                    _flip_record, _strip_record])
 def test_damaged_object_is_dropped_miss_when_read(tmp_path: Path, damage) -> None:
     tier = _tier(tmp_path)
     for i in range(3):
@@ -161,7 +173,7 @@ def test_damaged_object_is_dropped_miss_when_read(tmp_path: Path, damage) -> Non
     assert not path.exists()
     stats = tier.stats()
     assert (stats.corrupt, stats.misses, stats.num_objects) == (1, 1, 2)
-    assert stats.used_bytes == 2 * OBJ_BYTES
+    assert stats.used_bytes == 2 * FILE_BYTES
     assert tier.contains_many([make_key(1)]) == [False]
     # The tier keeps serving the other keys, and takes the damaged key again.
     assert tier.get(make_key(0)) == make_object(seed=0)
@@ -182,7 +194,7 @@ def test_corrupt_object_is_miss_when_read_after_reopen(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_put_returns_false_when_disk_full(tmp_path: Path, monkeypatch) -> None:
+def test_put_evicts_then_fails_when_disk_full(tmp_path: Path, monkeypatch) -> None:
     tier = _tier(tmp_path)
     tier.put(make_key(0), make_object(seed=0))
     real_write = os.write
@@ -198,10 +210,10 @@ def test_put_returns_false_when_disk_full(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "write", write_until_full)
     assert not tier.put(make_key(1), make_object(seed=1))
     monkeypatch.undo()
-    assert calls["n"] == 2
-    assert _all_files(tmp_path) == [str(Path(tier.path_of(make_key(0))).relative_to(tmp_path))]
+    assert calls["n"] == 3  # full; key 0 evicted to make room; still full: refused
+    assert _all_files(tmp_path) == []
     stats = tier.stats()
-    assert (stats.errors, stats.num_objects, stats.used_bytes) == (1, 1, OBJ_BYTES)
+    assert (stats.errors, stats.evictions, stats.num_objects, stats.used_bytes) == (1, 1, 0, 0)
     assert tier.contains_many([make_key(1)]) == [False]
     # Once space is back, the same put works.
     assert tier.put(make_key(1), make_object(seed=1))
@@ -282,7 +294,7 @@ def test_reads_never_torn_when_threads_race(tmp_path: Path) -> None:
     stats = tier.stats()
     assert not wrong
     assert stats.corrupt == stats.errors == 0
-    assert stats.used_bytes == stats.num_objects * OBJ_BYTES <= 6 * OBJ_BYTES
+    assert stats.used_bytes == stats.num_objects * FILE_BYTES <= 6 * FILE_BYTES
     files = _all_files(tmp_path)
     assert len(files) == stats.num_objects
     assert not any(".tmp-" in f for f in files)
@@ -295,3 +307,56 @@ def test_put_recreates_directory_when_removed_behind_back(tmp_path: Path) -> Non
     os.rmdir(os.path.dirname(tier.path_of(make_key(0))))
     assert tier.put(make_key(0), make_object(seed=0))
     assert tier.get(make_key(0)) == make_object(seed=0)
+
+
+def test_copied_object_file_is_corrupt_miss_not_other_chunk(tmp_path: Path) -> None:
+    # Issue #17 item 1: a valid object file copied over another chunk's file must
+    # not be served as that other chunk.
+    tier = _tier(tmp_path)
+    tier.put(make_key(1), make_object(seed=1))
+    tier.put(make_key(2), make_object(seed=2))
+    Path(tier.path_of(make_key(2))).write_bytes(Path(tier.path_of(make_key(1))).read_bytes())
+    assert tier.get(make_key(2)) is None
+    stats = tier.stats()
+    assert (stats.corrupt, stats.misses, stats.hits) == (1, 1, 0)
+    assert not Path(tier.path_of(make_key(2))).exists()
+    assert tier.get(make_key(1)) == make_object(seed=1)  # the original is untouched
+
+
+def test_object_files_private_when_written(tmp_path: Path) -> None:
+    # Issue #17 item 6: 0600 files in 0700 directories, whatever the umask.
+    old_umask = os.umask(0o022)
+    try:
+        tier = _tier(tmp_path / "store")
+        tier.put(make_key(1), make_object(seed=1))
+    finally:
+        os.umask(old_umask)
+    path = Path(tier.path_of(make_key(1)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "store").stat().st_mode) == 0o700
+
+
+def test_object_files_made_private_when_reopened(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    tier.put(make_key(1), make_object(seed=1))
+    path = Path(tier.path_of(make_key(1)))
+    path.chmod(0o644)  # as older versions wrote them
+    path.parent.chmod(0o755)
+    reopened = _tier(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert reopened.get(make_key(1)) == make_object(seed=1)
+
+
+def test_failed_writes_logged_once_per_burst(tmp_path: Path, caplog) -> None:
+    # Issue #17 item 7: a disk that fails every put logs one line, not one per put.
+    tier = _tier(tmp_path)
+    blocker = tmp_path / make_key(1).hex()[:2]
+    blocker.write_bytes(b"")  # a file where the subdirectory must go: every create fails
+    with caplog.at_level("WARNING", logger="kvstore.tiers.disk"):
+        results = [tier.put(make_key(1), make_object(seed=1)) for _ in range(20)]
+    assert results == [False] * 20
+    assert tier.stats().errors == 20
+    lines = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]

@@ -197,12 +197,40 @@ def test_corrupt_value_is_a_counted_miss_and_deleted(redis_server: RedisProcess)
     raw = redis_server.client()
     key, obj = make_key(6), make_object(6)
     tier.put(key, obj)
-    raw.setrange(tier.redis_key(key), len(obj) // 2, bytes([obj[len(obj) // 2] ^ 0xFF]))
-    raw.set(tier.redis_key(make_key(7)), b"not a KVC1 object")
+    damaged = bytearray(obj)
+    damaged[len(obj) // 2] ^= 0xFF
+    raw.hset(tier.redis_key(key), b"o", bytes(damaged))
+    raw.set(tier.redis_key(make_key(7)), b"not a KVC1 object")  # a plain value (old format)
     assert tier.get_many([key, make_key(7)]) == [None, None]
     stats = tier.stats()
     assert (stats.corrupt, stats.misses, stats.hits, stats.errors) == (2, 2, 0, 0)
     assert raw.dbsize() == 0
+
+
+@pytest.mark.redis
+def test_copied_value_is_corrupt_miss_not_other_chunk(redis_server: RedisProcess) -> None:
+    # Issue #17 item 1: a valid value copied to another chunk's key must not be
+    # served as that other chunk.
+    tier = tier_for(redis_server.url)
+    raw = redis_server.client()
+    tier.put(make_key(1), make_object(1))
+    tier.put(make_key(2), make_object(2))
+    assert raw.copy(tier.redis_key(make_key(1)), tier.redis_key(make_key(2)), replace=True)
+    assert tier.get(make_key(2)) is None
+    stats = tier.stats()
+    assert (stats.corrupt, stats.misses, stats.hits) == (1, 1, 0)
+    assert not raw.exists(tier.redis_key(make_key(2)))
+    assert tier.get(make_key(1)) == make_object(1)
+
+
+@pytest.mark.redis
+def test_put_replaces_plain_value_written_before_records(redis_server: RedisProcess) -> None:
+    tier = tier_for(redis_server.url, ttl_s=5.0)
+    raw = redis_server.client()
+    raw.set(tier.redis_key(make_key(3)), make_object(3))
+    assert tier.put(make_key(3), make_object(3))
+    assert tier.get(make_key(3)) == make_object(3)
+    assert 0 < raw.pttl(tier.redis_key(make_key(3))) <= 5000
 
 
 @pytest.mark.redis
