@@ -8,6 +8,14 @@ One daemon (DRAM only), one run, interleaved repetitions, best of each:
 - ``arena_get``: ``Client(transport="arena").get`` — lease, map, copy out of the
   shared-memory arena with every object's checksum verified, release.
 - ``stream_get``: ``Client(transport="stream").get`` over gRPC on loopback.
+- ``request_*`` (the same-host round trip an inference server feels, 128 MiB =
+  1024 tokens of Llama-8B shape by default; p50 and p99 over ``--request-repeat``
+  interleaved runs): ``request_memcpy_warm`` (numpy copy into a reused buffer, the
+  baseline), ``request_get_out`` (``get(out=buffer)``: one verified copy out of the
+  arena into the caller's buffer; ``_unverified``: ``verify=False``, headers
+  only), ``request_get`` (``get()`` into a new array),
+  ``request_put`` (``put``: reserve, build the objects in the arena, commit; the
+  chunks are deleted, untimed, before each put) and ``request_memcpy_fresh``.
 - ``layer_overlap``: ``get_layers`` with per-layer consumer work that does not
   occupy the CPU (a stand-in for a GPU kernel launched per layer), against
   get-then-work, on a smaller sequence.
@@ -17,6 +25,7 @@ One daemon (DRAM only), one run, interleaved repetitions, best of each:
 
     python bench/bench_local.py               # ~1 GB (170 chunks of 5.9 MB)
     python bench/bench_local.py --mb 64       # smoke size
+    python bench/bench_local.py --only request --request-repeat 10
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ from _common import daemon, emit  # noqa: E402
 from kvstore import Client, KVLayout  # noqa: E402
 
 LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="float16", chunk_tokens=256)
+# Llama-3-8B's KV shape: 128 KiB per token, so 1024 tokens are a 128 MiB request.
+LLAMA8B = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16",
+                   chunk_tokens=256)
 
 
 def _timed(fn) -> float:
@@ -79,6 +91,49 @@ def _bench_gets(address: str, tokens: list[int], kv: np.ndarray, repeat: int,
         if name == "arena_get":
             fields["vs_stream_get"] = round(best["stream_get"] / seconds, 2)
         emit("local", name, **fields, **common)
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    return float(np.percentile(samples, 50)), float(np.percentile(samples, 99))
+
+
+def bench_request(address: str, num_tokens: int, repeat: int) -> None:
+    """p50/p99 of a same-host put and get of one request against a warm memcpy."""
+    rng = np.random.default_rng(2)
+    kv = rng.standard_normal(LLAMA8B.shape(num_tokens), dtype=np.float32).astype(np.float16)
+    tokens = rng.integers(0, 128_000, size=num_tokens).tolist()
+    warm, out = np.empty_like(kv), np.empty_like(kv)
+    samples: dict[str, list[float]] = {name: [] for name in (
+        "memcpy_warm", "get_out", "get_out_unverified", "put", "get", "memcpy_fresh")}
+    with Client(address, "request", LLAMA8B, transport="arena") as client:
+        def put() -> float:
+            client.delete(tokens)
+            return _timed(lambda: client.put(tokens, kv))
+
+        steps = {"memcpy_warm": lambda: _timed(lambda: np.copyto(warm, kv)),
+                 "get_out": lambda: _timed(lambda: client.get(tokens, out=out)),
+                 "get_out_unverified": lambda: _timed(
+                     lambda: client.get(tokens, out=out, verify=False)),
+                 "put": put,
+                 "get": lambda: _timed(lambda: client.get(tokens, as_numpy=True)),
+                 "memcpy_fresh": lambda: _timed(lambda: np.copyto(np.empty_like(kv), kv))}
+        client.put(tokens, kv)
+        client.get(tokens, out=out)
+        assert out.tobytes() == kv.tobytes(), "get(out=) is not bit-exact"
+        for _ in range(2):  # warm-up (the client's arena mapping is prefaulting meanwhile)
+            for fn in steps.values():
+                fn()
+        for _ in range(repeat):
+            for name, fn in steps.items():
+                samples[name].append(fn())
+    p50_memcpy, _ = _percentiles(samples["memcpy_warm"])
+    common = {"bytes": kv.nbytes, "tokens": num_tokens, "repeat": repeat,
+              "shape": "llama-8b [32, 2, 8, T, 128] fp16"}
+    for name, values in samples.items():
+        p50, p99 = _percentiles(values)
+        emit("local", f"request_{name}", p50_ms=round(p50 * 1e3, 2), p99_ms=round(p99 * 1e3, 2),
+             p99_over_p50=round(p99 / p50, 2), mb_per_s_p50=round(kv.nbytes / 1e6 / p50, 1),
+             vs_memcpy_warm=round(p50_memcpy / p50, 3), **common)
 
 
 def _bench_layer_overlap(address: str, repeat: int) -> None:
@@ -133,17 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mb", type=float, default=1000.0, help="MB of chunks to get")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--request-tokens", type=int, default=1024,
+                        help="tokens of the Llama-8B-shaped request (128 KiB each)")
+    parser.add_argument("--request-repeat", type=int, default=10)
+    parser.add_argument("--only", choices=["all", "request"], default="all")
     args = parser.parse_args(argv)
-    chunks = max(1, round(args.mb * 1e6 / LAYOUT.chunk_bytes))
+    mb = 1.0 if args.only == "request" else args.mb
+    chunks = max(1, round(mb * 1e6 / LAYOUT.chunk_bytes))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 49152, size=chunks * LAYOUT.chunk_tokens).tolist()
     kv = rng.standard_normal(LAYOUT.shape(len(tokens)), dtype=np.float32).astype(np.float16)
     common = {"chunks": chunks, "bytes": kv.nbytes, "chunk_bytes": LAYOUT.chunk_bytes}
+    request_bytes = LLAMA8B.chunk_bytes * args.request_tokens // LLAMA8B.chunk_tokens
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "kvstore.toml"
-        config.write_text(f"[tiers.cpu]\ncapacity_bytes = {kv.nbytes * 5 // 4 + (256 << 20)}\n"
+        capacity = kv.nbytes * 5 // 4 + 3 * request_bytes + (256 << 20)
+        config.write_text(f"[tiers.cpu]\ncapacity_bytes = {capacity}\n"
                           "[tiers.disk]\nenabled = false\n")
         with daemon(Path(tmp) / "data", "--config", str(config)) as address:
+            bench_request(address, args.request_tokens, args.request_repeat)
+            if args.only == "request":
+                return 0
             with Client(address, "bench", LAYOUT, transport="stream") as client:
                 put_s = _timed(lambda: client.put(tokens, kv))
             emit("local", "stream_put", mb_per_s=round(kv.nbytes / 1e6 / put_s, 1), **common)

@@ -16,7 +16,6 @@ to callers it trusts with the whole arena (see docs/design.md §5).
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import secrets
@@ -24,8 +23,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvstore.arena_file import (
     ALIGN,
@@ -37,6 +38,8 @@ from kvstore.arena_file import (
     ArenaIdentity,
     ArenaReader,
     Extent,
+    FreeList,
+    Placement,
     create_file,
     prefault,
     remove_stale_files,
@@ -47,7 +50,7 @@ from kvstore.keys import ChunkKey
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ALIGN", "Arena", "ArenaIdentity", "ArenaReader", "Extent", "LeaseId"]
+__all__ = ["ALIGN", "Arena", "ArenaIdentity", "ArenaReader", "Extent", "LeaseId", "Placement"]
 
 LeaseId = int
 EvictCallback = Callable[[ChunkKey, bytes], None]
@@ -68,44 +71,16 @@ class _Lease:
 
 
 @dataclass(slots=True)
-class _FreeList:
-    """First-fit allocator over [start, start + capacity) in ALIGN units, coalescing on free.
+class _Reservation:
+    """Space handed to a same-host writer, not yet holding any indexed object."""
 
-    Kept as a sorted list of (offset, length) holes; bisect makes insert and
-    coalesce O(log n) to find plus a list insert, fine for thousands of holes.
-    """
+    extents: list[Extent]  # one per object to write, ``length`` = its exact size
+    expires_at: float  # time.monotonic() deadline; ignored once committing
+    tag: Any  # the reserver's record (the daemon keeps the chunk keys there)
+    is_committing: bool = False  # claimed by a commit: no longer expires
+    adopted: dict[int, _Slot] = field(default_factory=dict)  # extent index -> indexed slot
 
-    capacity: int
-    start: int = 0
-    holes: list[tuple[int, int]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.holes = [(self.start, self.capacity)]
-
-    def allocate(self, size: int) -> int | None:
-        for i, (offset, length) in enumerate(self.holes):
-            if length >= size:
-                if length == size:
-                    del self.holes[i]
-                else:
-                    self.holes[i] = (offset + size, length - size)
-                return offset
-        return None
-
-    def free(self, offset: int, size: int) -> None:
-        i = bisect.bisect_left(self.holes, (offset, 0))
-        if i > 0 and sum(self.holes[i - 1]) == offset:  # merge with the hole before
-            i -= 1
-            offset, size = self.holes[i][0], self.holes[i][1] + size
-            del self.holes[i]
-        if i < len(self.holes) and offset + size == self.holes[i][0]:  # and the one after
-            size += self.holes[i][1]
-            del self.holes[i]
-        self.holes.insert(i, (offset, size))
-
-    @property
-    def free_bytes(self) -> int:
-        return sum(length for _, length in self.holes)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -154,10 +129,11 @@ class Arena:
         self.prefaulted = threading.Event()
         threading.Thread(target=self._prefault, name="kvstore-arena-prefault",
                          daemon=True).start()
-        self._free = _FreeList(self.capacity_bytes, HEADER_BYTES)
+        self._free = FreeList(self.capacity_bytes, HEADER_BYTES)
         self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
         self._evicting: dict[ChunkKey, bytes] = {}  # evicted, on_evict still running
         self._leases: dict[LeaseId, _Lease] = {}
+        self._reservations: dict[LeaseId, _Reservation] = {}  # same id space as leases
         self._lock = threading.Lock()
         self._closed = False
         self.used_bytes = 0  # bytes of live objects (unaligned)
@@ -229,6 +205,29 @@ class Arena:
             with self._lock:
                 self._unpin(slot)
 
+    @contextmanager
+    def pinned(self, key: ChunkKey) -> Iterator[bytes | memoryview | None]:
+        """The object as a view of the arena, pinned for the ``with`` block (no copy)."""
+        with self._lock:
+            slot = self._index.get(key)
+            if slot is None:
+                evicting = self._evicting.get(key)
+            else:
+                slot.leases += 1
+        if slot is None:
+            yield evicting
+            return
+        view = self._view[slot.offset : slot.offset + slot.length]
+        try:
+            yield view
+        finally:
+            try:
+                view.release()
+            except BufferError:  # the caller kept a slice; it is collected later
+                pass
+            with self._lock:
+                self._unpin(slot)
+
     def contains(self, key: ChunkKey) -> bool:
         with self._lock:
             return key in self._index or key in self._evicting
@@ -289,7 +288,11 @@ class Arena:
             return Extent(slot.offset, slot.length)
 
     def release(self, lease_id: LeaseId) -> None:
+        """End a lease, or drop a reservation that no commit has claimed."""
         with self._lock:
+            if lease_id in self._reservations and not self._reservations[lease_id].is_committing:
+                self._drop_reservation(lease_id)
+                return
             lease = self._leases.pop(lease_id, None)
             if lease is None:
                 raise NotFound(f"lease {lease_id} is not held (released or expired)")
@@ -301,13 +304,103 @@ class Arena:
             self._expire_leases()
             return len(self._leases)
 
+    # -- reservations: same-host writers ------------------------------------------
+    def reserve(self, sizes: Sequence[int], ttl_s: float | None = None, tag: Any = None
+                ) -> tuple[LeaseId, list[Extent]] | None:
+        """Set aside space for objects of ``sizes`` bytes that a writer fills in place.
+
+        Evicts like ``put``. The space is not indexed: readers cannot see it, and it
+        is freed by ``release``, by the TTL (a writer killed before committing pins
+        nothing for longer), or, for extents not adopted, by ``finish_reservation``.
+
+        Returns:
+            (reservation id, one extent per size), or None when some object cannot be
+            placed (larger than the arena, or its room is leased); nothing is then held.
+        """
+        evicted: list[tuple[ChunkKey, bytes]] = []
+        with self._lock:
+            self._check_open()
+            offsets: list[int] = []
+            for size in sizes:
+                offset = None if _aligned(size) > self.capacity_bytes else \
+                    self._allocate(_aligned(size), evicted)
+                if offset is None:
+                    for done, done_size in zip(offsets, sizes, strict=False):
+                        self._free.free(done, _aligned(done_size))
+                    offsets = []
+                    break
+                offsets.append(offset)
+            result = None
+            if offsets or not sizes:
+                reservation_id = self._new_lease_id()
+                extents = [Extent(o, n) for o, n in zip(offsets, sizes, strict=True)]
+                ttl = self.lease_ttl_s if ttl_s is None else ttl_s
+                self._reservations[reservation_id] = _Reservation(
+                    extents, time.monotonic() + ttl, tag)
+                result = reservation_id, extents
+        self._notify(evicted)
+        return result
+
+    def claim_reservation(self, reservation_id: LeaseId) -> tuple[list[Extent], Any]:
+        """Start committing: the reservation stops expiring; returns its extents and tag.
+
+        Raises:
+            NotFound: unknown, expired, released, or already being committed.
+        """
+        with self._lock:
+            self._expire_leases()
+            reservation = self._reservations.get(reservation_id)
+            if reservation is None or reservation.is_committing:
+                raise NotFound(f"reservation {reservation_id} is not held (expired, released "
+                               "or already committed); reserve again")
+            reservation.is_committing = True
+            return list(reservation.extents), reservation.tag
+
+    def writable_view(self, extent: Extent) -> memoryview:
+        """The bytes of a reserved or leased extent (the daemon verifies commits through it)."""
+        return self._view[extent.offset : extent.offset + extent.length]
+
+    def adopt(self, placement: Placement, key: ChunkKey) -> bool:
+        """Index a claimed reservation's extent as ``key``'s object, without copying.
+
+        The slot stays pinned until ``finish_reservation``, so write-through tiers can
+        read it in place. True if ``key`` is held afterwards (when it already was, the
+        extent is left to be freed by ``finish_reservation``).
+        """
+        with self._lock:
+            self._check_open()
+            reservation = self._reservations[placement.reservation_id]
+            assert reservation.is_committing and placement.index not in reservation.adopted
+            if key in self._index:  # content-addressed: the object is already held
+                self._index.move_to_end(key)
+                return True
+            extent = reservation.extents[placement.index]
+            slot = _Slot(extent.offset, extent.length, leases=1)
+            self._index[key] = slot
+            self.used_bytes += extent.length
+            reservation.adopted[placement.index] = slot
+            return True
+
+    def finish_reservation(self, reservation_id: LeaseId) -> None:
+        """End a claimed reservation: unpin adopted objects, free every other extent."""
+        with self._lock:
+            if reservation_id in self._reservations:
+                self._drop_reservation(reservation_id)
+
+    def reservation_stats(self) -> tuple[int, int]:
+        """(reservations held, bytes they hold)."""
+        with self._lock:
+            self._expire_leases()
+            held = [r for r in self._reservations.values()]
+            return len(held), sum(e.length for r in held for e in r.extents)
+
     # -- internals (lock held) -----------------------------------------------------
     def _new_lease_id(self) -> LeaseId:
         # Random, not sequential: a local process cannot guess and release (or
         # extend) another client's lease.
         while True:
             lease_id = secrets.randbits(63) + 1
-            if lease_id not in self._leases:
+            if lease_id not in self._leases and lease_id not in self._reservations:
                 return lease_id
 
     def _allocate(self, size: int, evicted: list[tuple[ChunkKey, bytes]]) -> int | None:
@@ -344,6 +437,20 @@ class Arena:
             log.info("arena lease %d expired", lease_id)
             for slot in self._leases.pop(lease_id).slots:
                 self._unpin(slot)
+        for reservation_id in [i for i, r in self._reservations.items()
+                               if r.expires_at <= now and not r.is_committing]:
+            log.info("arena reservation %d expired uncommitted; its space is freed",
+                     reservation_id)
+            self._drop_reservation(reservation_id)
+
+    def _drop_reservation(self, reservation_id: LeaseId) -> None:
+        reservation = self._reservations.pop(reservation_id)
+        for index, extent in enumerate(reservation.extents):
+            slot = reservation.adopted.get(index)
+            if slot is not None:
+                self._unpin(slot)
+            else:
+                self._free.free(extent.offset, _aligned(extent.length))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -374,6 +481,7 @@ class Arena:
             self._index.clear()
             self._evicting.clear()
             self._leases.clear()
+            self._reservations.clear()
             self.used_bytes = 0
             self._view.release()
             try:

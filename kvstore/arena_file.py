@@ -23,13 +23,15 @@ processes of the daemon's user can open it.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import mmap
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, NotFound
@@ -58,6 +60,14 @@ class Extent:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """An object already written into reserved arena space: extent ``index`` of a reservation."""
+
+    reservation_id: int
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
 class ArenaIdentity:
     """What a client needs to map an arena and prove it is the daemon's."""
 
@@ -65,6 +75,47 @@ class ArenaIdentity:
     file_bytes: int  # size of the file (header page included)
     nonce: bytes  # 16 random bytes, also written in the file header
     hugepages: str  # "hugetlbfs", "thp" (madvise) or "off"
+
+
+@dataclass(slots=True)
+class FreeList:
+    """First-fit allocator over [start, start + capacity) in ALIGN units, coalescing on free.
+
+    Kept as a sorted list of (offset, length) holes; bisect makes insert and
+    coalesce O(log n) to find plus a list insert, fine for thousands of holes.
+    """
+
+    capacity: int
+    start: int = 0
+    holes: list[tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.holes = [(self.start, self.capacity)]
+
+    def allocate(self, size: int) -> int | None:
+        for i, (offset, length) in enumerate(self.holes):
+            if length >= size:
+                if length == size:
+                    del self.holes[i]
+                else:
+                    self.holes[i] = (offset + size, length - size)
+                return offset
+        return None
+
+    def free(self, offset: int, size: int) -> None:
+        i = bisect.bisect_left(self.holes, (offset, 0))
+        if i > 0 and sum(self.holes[i - 1]) == offset:  # merge with the hole before
+            i -= 1
+            offset, size = self.holes[i][0], self.holes[i][1] + size
+            del self.holes[i]
+        if i < len(self.holes) and offset + size == self.holes[i][0]:  # and the one after
+            size += self.holes[i][1]
+            del self.holes[i]
+        self.holes.insert(i, (offset, size))
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(length for _, length in self.holes)
 
 
 def host_boot_id() -> str:
@@ -154,11 +205,13 @@ def _map_new(directory: str, file_bytes: int) -> tuple[str, mmap.mmap]:
         os.close(fd)
 
 
-_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _PREFAULT_SLICE = 4 << 20  # ~2 ms per call here; mmap.madvise holds the GIL
 
 
-def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
+def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE,
+             writable: bool = True) -> None:
     """Fault every page of ``mapped`` into this process's page tables (contents unchanged).
 
     fallocate reserved the pages, but each one still costs a fault on its first
@@ -171,7 +224,8 @@ def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
     size = len(mapped)
     for offset in range(0, size, slice_bytes):
         try:
-            mapped.madvise(_MADV_POPULATE_WRITE, offset, min(slice_bytes, size - offset))
+            mapped.madvise(_MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ, offset,
+                           min(slice_bytes, size - offset))
         except ValueError:  # the arena was closed meanwhile
             return
         except OSError as exc:  # EINVAL: kernel older than 5.14; pages fault on first use
@@ -180,25 +234,28 @@ def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE) -> None:
 
 
 class ArenaReader:
-    """A client's read-only mapping of a daemon's arena file.
+    """A client's mapping of a daemon's arena file (read-only unless ``writable``).
 
     Args:
         path: the arena file the daemon named.
         nonce: when given, the file header must carry it, which proves the file is
             the daemon's arena (the client is on the daemon's host).
+        writable: map it read-write, for a same-host put writing into space the
+            daemon reserved for it (reads keep a read-only mapping).
 
     Raises:
         NotFound: the file cannot be opened or mapped (another host, user or daemon).
         Corrupt: the file is not an arena or its nonce differs.
     """
 
-    def __init__(self, path: str, *, nonce: bytes | None = None) -> None:
+    def __init__(self, path: str, *, nonce: bytes | None = None, writable: bool = False) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
             raise NotFound(f"cannot open arena {path}: {exc}") from exc
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            self._map = self._map_checked(fd, path)
+            self._map = self._map_checked(fd, path, prot)
         except BaseException:
             os.close(fd)
             raise
@@ -217,16 +274,21 @@ class ArenaReader:
             raise Corrupt(f"arena {path} is {self._view.nbytes} bytes, its header says "
                           f"{HEADER_BYTES + data_bytes} (truncated)")
         self.nonce = found
+        # Fault the pages into this process's page tables in the background: a
+        # client's first touch of each arena page otherwise costs a fault on every
+        # get or put that reaches new space (see ``prefault``).
+        threading.Thread(target=prefault, args=(self._map,), kwargs={"writable": writable},
+                         name="kvstore-arena-client-prefault", daemon=True).start()
 
     @staticmethod
-    def _map_checked(fd: int, path: str) -> mmap.mmap:
+    def _map_checked(fd: int, path: str, prot: int) -> mmap.mmap:
         """Map the whole file once it is known to hold at least the header page."""
         size = os.fstat(fd).st_size
         if size < HEADER_BYTES:  # reading a header past the end would raise SIGBUS
             raise Corrupt(f"arena {path} is {size} bytes, shorter than its "
                           f"{HEADER_BYTES}-byte header page (truncated, or not an arena)")
         try:
-            return mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            return mmap.mmap(fd, size, prot=prot)
         except (OSError, ValueError) as exc:
             raise NotFound(f"cannot map arena {path}: {exc}") from exc
 

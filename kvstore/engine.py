@@ -47,6 +47,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 
+from kvstore.arena_file import Placement
 from kvstore.codec.format import verify_object
 from kvstore.config import Config, EngineConfig
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, Unavailable
@@ -302,7 +303,8 @@ class Engine:
 
     # -- writes -------------------------------------------------------------------
 
-    def put(self, key: ChunkKey, obj: bytes, tenant: str | None = None) -> bool:
+    def put(self, key: ChunkKey, obj: bytes | memoryview, tenant: str | None = None, *,
+            placed: Placement | None = None) -> bool:
         """Store ``obj`` under ``key`` according to the write policy.
 
         Under write-back the call may wait first for the flusher (see the module
@@ -311,6 +313,9 @@ class Engine:
 
         Args:
             tenant: whose object it is (its bytes count against that tenant's quota).
+            placed: ``obj`` is a view of reserved DRAM arena space a same-host client
+                wrote (``server/local.py``); DRAM indexes it in place, and the tiers
+                below get the same view (pinned until the commit ends): no byte is copied.
 
         Returns:
             True if newly stored; False if some tier already held the key (objects
@@ -325,18 +330,19 @@ class Engine:
         if self.contains(key):
             return False
         if tenant is None or self._quotas is None:
-            return self._put_new(key, obj)
+            return self._put_new(key, obj, placed)
         self._quotas.admit(tenant, key, len(obj), stored=self._stored_mask, delete=self.delete)
         try:
-            return self._put_new(key, obj)
+            return self._put_new(key, obj, placed)
         except BaseException:
             self._quotas.forget(key)
             raise
 
-    def _put_new(self, key: ChunkKey, obj: bytes) -> bool:
+    def _put_new(self, key: ChunkKey, obj: bytes | memoryview,
+                 placed: Placement | None) -> bool:
         self._wait_for_flusher()
         self._check_open()
-        in_dram = self._cpu.put(key, obj)
+        in_dram = self._cpu.put(key, obj, placed=placed)
         num_stored = int(in_dram)
         for tier in self._tiers[1:]:
             # Too big for DRAM: the backing tier takes it now, whatever the policy.
@@ -428,8 +434,8 @@ class Engine:
     def _flush_one(self, key: ChunkKey) -> None:
         """Write one dirty chunk to the backing tier (timed) and mark it clean."""
         try:
-            with self._key_lock(key):
-                obj = self._cpu.peek(key)
+            # The backing tier writes straight from the arena: no copy of the object.
+            with self._key_lock(key), self._cpu.pinned(key) as obj:
                 if obj is not None:
                     started = time.monotonic()
                     if self._write_backing(key, obj):

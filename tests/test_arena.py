@@ -213,3 +213,35 @@ def test_arena_pages_are_faulted_in_at_start() -> None:
         assert arena.used_bytes == 0
     finally:
         arena.close()
+
+
+def test_reservation_holds_space_until_committed_or_expired() -> None:
+    from kvstore.arena import Placement
+
+    evicted: list[ChunkKey] = []
+    arena = Arena(12 * ALIGN, on_evict=lambda k, _: evicted.append(k), lease_ttl_s=0.2)
+    try:
+        for i in range(4):
+            assert arena.put(_key(i), _obj(i))
+        rid, extents = arena.reserve([3 * ALIGN, 3 * ALIGN])
+        assert evicted == [_key(0), _key(1)]  # reserving evicts like a put
+        assert arena.reserve([7 * ALIGN]) is None  # never fits beside the reservation
+        assert arena.reservation_stats() == (1, 6 * ALIGN)
+        assert arena.contains_many([_key(i) for i in range(4)]) == [False] * 4
+        arena.claim_reservation(rid)
+        for extent in extents:
+            arena.writable_view(extent)[:] = _obj(7)
+        arena.adopt(Placement(rid, 0), _key(7))  # indexed in place, pinned until finish
+        assert arena.get(_key(7)) == _obj(7) and len(arena) == 1
+        assert arena.put(_key(8), _obj(8)) and arena.put(_key(9), _obj(9))
+        assert arena.put(_key(10), _obj(10)) and evicted[-1] == _key(8)  # 7 is pinned
+        arena.finish_reservation(rid)  # extent 1 was not adopted: freed
+        assert arena.reservation_stats() == (0, 0)
+        assert arena.put(_key(11), _obj(11)) and evicted[-1] == _key(8)  # the freed extent
+        rid, _ = arena.reserve([3 * ALIGN])
+        time.sleep(0.25)
+        assert arena.reservation_stats() == (0, 0)  # expired uncommitted: freed
+        with pytest.raises(NotFound):
+            arena.claim_reservation(rid)
+    finally:
+        arena.close()

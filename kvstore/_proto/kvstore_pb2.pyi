@@ -311,6 +311,48 @@ class ReleaseLeaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReserveExtentsRequest(_message.Message):
+    __slots__ = ("namespace", "tokens_le_i32", "position_free", "first_chunk", "object_bytes", "ttl_ms", "arena_nonce")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LE_I32_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FREE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    ARENA_NONCE_FIELD_NUMBER: _ClassVar[int]
+    namespace: Namespace
+    tokens_le_i32: bytes
+    position_free: bool
+    first_chunk: int
+    object_bytes: _containers.RepeatedScalarFieldContainer[int]
+    ttl_ms: int
+    arena_nonce: bytes
+    def __init__(self, namespace: _Optional[_Union[Namespace, _Mapping]] = ..., tokens_le_i32: _Optional[bytes] = ..., position_free: _Optional[bool] = ..., first_chunk: _Optional[int] = ..., object_bytes: _Optional[_Iterable[int]] = ..., ttl_ms: _Optional[int] = ..., arena_nonce: _Optional[bytes] = ...) -> None: ...
+
+class ReserveExtentsResponse(_message.Message):
+    __slots__ = ("reservation_id", "ttl_ms", "extents")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    ttl_ms: int
+    extents: _containers.RepeatedCompositeFieldContainer[ChunkExtent]
+    def __init__(self, reservation_id: _Optional[int] = ..., ttl_ms: _Optional[int] = ..., extents: _Optional[_Iterable[_Union[ChunkExtent, _Mapping]]] = ...) -> None: ...
+
+class CommitExtentsRequest(_message.Message):
+    __slots__ = ("reservation_id",)
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: int
+    def __init__(self, reservation_id: _Optional[int] = ...) -> None: ...
+
+class CommitExtentsResponse(_message.Message):
+    __slots__ = ("num_chunks_stored", "num_chunks_present")
+    NUM_CHUNKS_STORED_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    num_chunks_stored: int
+    num_chunks_present: int
+    def __init__(self, num_chunks_stored: _Optional[int] = ..., num_chunks_present: _Optional[int] = ...) -> None: ...
+
 class LeaseGpuChunksRequest(_message.Message):
     __slots__ = ("namespace", "tokens_le_i32", "position_free", "ttl_ms")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

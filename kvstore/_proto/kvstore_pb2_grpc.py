@@ -79,6 +79,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.ReserveExtents = channel.unary_unary(
+                '/kvstore.v1.KVStore/ReserveExtents',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveExtentsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveExtentsResponse.FromString,
+                _registered_method=True)
+        self.CommitExtents = channel.unary_unary(
+                '/kvstore.v1.KVStore/CommitExtents',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsResponse.FromString,
+                _registered_method=True)
         self.LeaseGpuChunks = channel.unary_unary(
                 '/kvstore.v1.KVStore/LeaseGpuChunks',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.LeaseGpuChunksRequest.SerializeToString,
@@ -168,6 +178,20 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveExtents(self, request, context):
+        """Same-host put: reserve arena space for the objects of a sequence's chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitExtents(self, request, context):
+        """Same-host put: verify the objects written into a reservation and store them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LeaseGpuChunks(self, request, context):
         """Same-host GPU path: place the leading stored chunks in HBM, pin them and return
         where they lie in the slab with its CUDA IPC handle.
@@ -245,6 +269,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'ReserveExtents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveExtents,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveExtentsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveExtentsResponse.SerializeToString,
+            ),
+            'CommitExtents': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitExtents,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsResponse.SerializeToString,
             ),
             'LeaseGpuChunks': grpc.unary_unary_rpc_method_handler(
                     servicer.LeaseGpuChunks,
@@ -510,6 +544,60 @@ class KVStore:
             '/kvstore.v1.KVStore/ReleaseLease',
             kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveExtents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/ReserveExtents',
+            kvstore_dot_v1_dot_kvstore__pb2.ReserveExtentsRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.ReserveExtentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitExtents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/CommitExtents',
+            kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.CommitExtentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

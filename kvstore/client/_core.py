@@ -24,6 +24,7 @@ import grpc
 import xxhash
 
 from kvstore._proto import kvstore_pb2 as pb
+from kvstore.client import _arena_put as arena_put
 from kvstore.client import _blobs as blobs
 from kvstore.client import _codec as codecs
 from kvstore.client import _gpu as gpu
@@ -33,6 +34,7 @@ from kvstore.client._connections import Connections
 from kvstore.client._plan import END, Emit, Offload, OpenStream, Plan, Receive, Unary
 from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
+from kvstore.client._view import ArenaView, open_view
 from kvstore.errors import (
     CapacityExhausted,
     Corrupt,
@@ -92,6 +94,8 @@ class ClientCore:
         plan = proto.plan_put(self.layout, tokens, kv, position_free=False)
         if plan.num_chunks == 0:
             return 0
+        if (yield from self._put_local(plan)) is not local.STREAM:
+            return plan.num_chunks * plan.tokens_per_chunk
 
         def attempt(index: int, timeout: float) -> Plan[int]:
             request = pb.LookupRequest(namespace=self._ns, tokens_le_i32=plan.tokens.tobytes())
@@ -110,19 +114,30 @@ class ClientCore:
         return (yield from self._lookup(tokens, position_free=False))
 
     def get(self, tokens: Any, *, layers: Sequence[int] | None = None, as_numpy: bool = False,
-            decode: str = "server", device: Any = None) -> Plan[Any]:
+            decode: str = "server", device: Any = None, out: Any = None,
+            verify: bool = True) -> Plan[Any]:
         """The leading stored chunks of ``tokens``: ``[layers, 2, heads, n, dim]`` or None.
 
         ``n`` is a multiple of chunk_tokens and may be less than asked. ``layers``
         selects (ascending) layers. Every object is verified; bad bytes raise Corrupt.
         ``decode="client"`` streams the objects as stored (compressed) and decodes
         them here, on ``device`` ("cuda": the codec's Triton kernel; None: the CPU).
+        ``out``: a C-contiguous CPU tensor or numpy array the caller owns,
+        ``[layers, 2, heads, >= len(tokens) in whole chunks, dim]`` in the layout's
+        dtype; the chunks are copied into its leading ``n`` tokens (on the same
+        host: one copy from the arena, nothing allocated) and that view of ``out``
+        is returned (None on a miss). A wrong buffer raises InvalidArgument.
+        ``verify=False``: same-host copies check each object's header but skip its
+        checksum (about a third of the copy's time; the daemon verified every object
+        when it was stored, and the lease keeps its bytes from changing). Streamed
+        gets always verify.
         With ``decode="server"``, ``device`` is where the result lands: for a CUDA
         device a same-host client copies raw chunks device to device out of the
         daemon's GPU tier (falling back to the arena, then the stream).
         """
         return (yield from self._get(tokens, layers=layers, as_numpy=as_numpy,
-                                     position_free=False, decode=decode, device=device))
+                                     position_free=False, decode=decode, device=device,
+                                     out=out, verify=verify))
 
     def get_layers(self, tokens: Any, *, layers: Sequence[int] | None = None,
                    as_numpy: bool = False) -> Plan[None]:
@@ -240,6 +255,9 @@ class ClientCore:
     def put_chunk(self, tokens: Any, kv: Any) -> Plan[bool]:
         """Store a text chunk's KV position-free (any length); True if newly stored."""
         plan = proto.plan_put(self.layout, tokens, kv, position_free=True)
+        done = yield from self._put_local(plan)
+        if done is not local.STREAM:
+            return done.num_chunks_stored == 1
 
         def attempt(index: int, timeout: float) -> Plan[bool]:
             messages = proto.put_requests(self._ns, self.layout, plan, 0, self._part_bytes,
@@ -285,7 +303,43 @@ class ClientCore:
         index = self._conns.order()[0]
         return (yield from self._lease(index, arr, position_free, ttl_s))
 
+    def view(self, tokens: Any, *, position_free: bool = False, verify: bool = True,
+             ttl_s: float | None = None) -> Plan[ArenaView]:
+        """The leading stored chunks, read in place in the daemon's arena (same host only).
+
+        ``with client.view(tokens) as v`` (``AsyncClient``: ``async with await
+        client.view(tokens) as v``) pins the chunks under a lease and gives
+        ``v.chunks`` (read-only ``[layers, 2, heads, T, dim]`` numpy views, one per
+        chunk) and ``v.objects`` (their KVC1 objects); nothing is copied. Each object is
+        checked against the layout, and its checksum verified when ``verify``.
+
+        Raises:
+            PermissionDenied, NotFound: the arena cannot be used (see ``lease``).
+            InvalidArgument: a chunk is stored compressed (kvq); use ``get``.
+            Corrupt: an object fails its checks.
+        """
+        arr = proto.check_tokens(tokens, position_free=position_free)
+        lease = yield from ClientCore.lease(self, arr, ttl_s=ttl_s, position_free=position_free)
+        per_chunk = len(arr) if position_free else self.layout.chunk_tokens
+        try:
+            return (yield Offload(open_view, (lease, self.layout, per_chunk, verify)))
+        except BaseException:
+            yield from self._release(self._conns.order()[0], lease.lease_id)
+            raise
+
     # ------------------------------------------------------------ shared plans
+
+    def _put_local(self, plan: proto.PutPlan) -> Plan[Any]:
+        """The same-host put (``client/_arena_put.py``): its result, or local.STREAM."""
+        index = self._conns.order()[0]
+        address = self._conns.addresses[index]
+        if not self._local.wants(index, address):
+            return local.STREAM
+        try:
+            return (yield from arena_put.put_steps(self._local, index, self._ns, self.layout,
+                                                   plan, self._codec, self._conns.timeout_s))
+        except (grpc.RpcError, KVStoreError) as exc:
+            return arena_put.after_failure(self._local, index, address, exc)
 
     def _failover(self, what: str, attempt: Attempt) -> Plan[Any]:
         """Run ``attempt`` against each address until one answers (see module doc)."""
@@ -358,19 +412,26 @@ class ClientCore:
                                   layers or list(range(self.layout.num_layers)), layer_major)
 
     def _get(self, tokens: Any, *, layers: Sequence[int] | None, as_numpy: bool,
-             position_free: bool, decode: str, device: Any) -> Plan[Any]:
+             position_free: bool, decode: str, device: Any, out: Any = None,
+             verify: bool = True) -> Plan[Any]:
         arr = proto.check_tokens(tokens, position_free=position_free)
         chosen = proto.check_layers(layers, self.layout)
+        dest = None if out is None else local.check_out(
+            out, self.layout, len(chosen or range(self.layout.num_layers)),
+            local.out_tokens(arr, self.layout, position_free))
         if codecs.check_decode(decode) == "client":
-            out = yield from self._get_encoded(arr, chosen, position_free, device)
-            return None if out is None else proto.tensor_result(out, self.layout, as_numpy)
-        got = yield from self._get_gpu(arr, chosen, position_free, device)
+            if out is not None:
+                raise InvalidArgument("out= fills CPU buffers from stored raw bytes; with "
+                                      "decode='client' use the returned tensor")
+            got = yield from self._get_encoded(arr, chosen, position_free, device)
+            return None if got is None else proto.tensor_result(got, self.layout, as_numpy)
+        if out is None:
+            got = yield from self._get_gpu(arr, chosen, position_free, device)
+            if got is not local.STREAM:
+                return got
+        got = yield from self._get_local(arr, chosen, position_free, dest, verify)
         if got is not local.STREAM:
-            return got
-        out = yield from self._get_local(arr, chosen, position_free)
-        if out is not local.STREAM:
-            return None if out is None else gpu.on_device(from_storage(
-                out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
+            return self._result(got, out, dest, device, as_numpy)
         request = proto.get_request(self._ns, arr, layers=chosen, layer_major=False,
                                     position_free=position_free,
                                     max_response_bytes=self.max_message_bytes)
@@ -382,9 +443,16 @@ class ClientCore:
                 asm.add(msg)
             return asm.result()
 
-        out = yield from self._failover("Get", attempt)
-        return None if out is None else gpu.on_device(from_storage(
-            out, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
+        got = yield from self._failover("Get", attempt)
+        return self._result(got, out, dest, device, as_numpy)
+
+    def _result(self, got: Any, out: Any, dest: Any, device: Any, as_numpy: bool) -> Any:
+        """What ``get`` returns for a storage array (or None): ``out``'s leading tokens
+        when the caller gave ``out``, else a new tensor on ``device``."""
+        if out is not None:
+            return local.deliver(got, out, dest, self.layout.dtype, as_numpy=as_numpy)
+        return None if got is None else gpu.on_device(from_storage(
+            got, self.layout.dtype, as_numpy=as_numpy), device, as_numpy)
 
     def _get_gpu(self, arr: Any, chosen: list[int] | None, position_free: bool,
                  device: Any) -> Plan[Any]:
@@ -429,7 +497,8 @@ class ClientCore:
         return (yield Offload(codecs.decode_objects,
                               (objects, self.layout, per_chunk, chosen, device)))
 
-    def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool) -> Plan[Any]:
+    def _get_local(self, arr: Any, chosen: list[int] | None, position_free: bool,
+                   dest: Any = None, verify: bool = True) -> Plan[Any]:
         """The arena read of ``_get``: an array, None (nothing stored) or local.STREAM."""
         index = self._conns.order()[0]
         address = self._conns.addresses[index]
@@ -440,7 +509,8 @@ class ClientCore:
         try:
             lease = yield from self._lease(index, arr, position_free, None)
             try:
-                out = yield Offload(self._local.read, (lease, self.layout, per_chunk, layers))
+                out = yield Offload(self._local.read, (lease, self.layout, per_chunk, layers,
+                                                       dest, verify))
             except (KVStoreError, local.NotRaw):
                 yield from self._release(index, lease.lease_id)
                 raise

@@ -31,7 +31,7 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.arena_file import ArenaReader, Extent, host_boot_id
 from kvstore.client._codec import decode_kvq_into
-from kvstore.client._tensors import NUMPY_STORAGE
+from kvstore.client._tensors import NUMPY_STORAGE, from_storage, is_torch_tensor, to_storage
 from kvstore.codec.format import HEADER_BYTES, CodecId, new_object_hasher, read_header
 from kvstore.errors import Corrupt, InvalidArgument, NotFound
 from kvstore.layout import KVLayout
@@ -61,10 +61,22 @@ def is_loopback_address(address: str) -> bool:
 
 @dataclass(slots=True)
 class MappedArena:
-    """A daemon's arena mapped read-only by this client."""
+    """A daemon's arena mapped by this client: read-only, plus read-write once it puts."""
 
     reader: ArenaReader
     nonce: bytes  # proves the mapping is the daemon's arena; sent with LeaseChunks
+    writer: ArenaReader | None = None  # mapped at the first same-host put
+
+    def writable(self) -> ArenaReader:
+        """The read-write mapping (same-host puts write only into reserved extents)."""
+        if self.writer is None:
+            self.writer = ArenaReader(self.reader.path, nonce=self.nonce, writable=True)
+        return self.writer
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def attach(resp: pb.AttachArenaResponse) -> MappedArena:
@@ -134,8 +146,10 @@ def new_output(layout: KVLayout, num_layers: int, num_tokens: int) -> np.ndarray
 
 
 def copy_chunks(reader: ArenaReader, extents: Sequence[Extent], layout: KVLayout,
-                tokens_per_chunk: int, layers: Sequence[int], out: np.ndarray) -> None:
-    """Copy leased objects into ``out`` ([len(layers), 2, heads, n * T, dim]), verified.
+                tokens_per_chunk: int, layers: Sequence[int], out: np.ndarray, *,
+                verify: bool = True) -> None:
+    """Copy leased objects into ``out`` ([len(layers), 2, heads, n * T, dim]), verified
+    (unless ``verify`` is False: then only headers are checked).
 
     Raises:
         Corrupt: an object's header or checksum is wrong.
@@ -149,7 +163,8 @@ def copy_chunks(reader: ArenaReader, extents: Sequence[Extent], layout: KVLayout
             decode_kvq_into(bytes(view), index, layout, tokens_per_chunk, positions,
                             out[:, :, :, span, :])
             continue
-        _copy_object(view, index, layout, tokens_per_chunk, positions, out[:, :, :, span, :])
+        _copy_object(view, index, layout, tokens_per_chunk, positions, out[:, :, :, span, :],
+                     verify=verify)
 
 
 def _check_header(view: memoryview, index: int, layout: KVLayout, num_tokens: int) -> Any:
@@ -167,12 +182,14 @@ def _check_header(view: memoryview, index: int, layout: KVLayout, num_tokens: in
 
 
 def _copy_object(view: memoryview, index: int, layout: KVLayout, num_tokens: int,
-                 positions: dict[int, int], dst: np.ndarray) -> None:
+                 positions: dict[int, int], dst: np.ndarray, *, verify: bool = True) -> None:
     """Copy one raw object into ``dst`` ([len(layers), 2, heads, T, dim]) and verify it.
 
     The checksum is fed, in the object's order, with the bytes *written* for the
     layers asked for (each layer hashed right after its copy, while in cache) and
-    with the source bytes of the layers skipped.
+    with the source bytes of the layers skipped. Hashing costs about a third of
+    the copy (``bench_local.py``, ``request_get_out`` vs ``request_get_out_unverified``);
+    ``verify=False`` skips it for callers that trust the lease.
     """
     header = _check_header(view, index, layout, num_tokens)
     table_end = HEADER_BYTES + 4 * header.num_sections
@@ -180,6 +197,13 @@ def _copy_object(view: memoryview, index: int, layout: KVLayout, num_tokens: int
     # [layers, 2, heads, T, dim]
     src = np.frombuffer(view[table_end:], dtype=storage).reshape(
         layout.num_layers, 2, layout.num_kv_heads, num_tokens, layout.head_dim)
+    if not verify:
+        if len(positions) == layout.num_layers:
+            np.copyto(dst, src)
+        else:
+            for layer, position in positions.items():
+                np.copyto(dst[position], src[layer])
+        return
     digest = new_object_hasher(view[:_CHECKED_PREFIX])
     digest.update(view[HEADER_BYTES:table_end])
     for layer in range(layout.num_layers):
@@ -198,6 +222,57 @@ def _copy_object(view: memoryview, index: int, layout: KVLayout, num_tokens: int
 
 
 STREAM = object()  # "use the streamed path" marker returned by the arena path
+
+
+def check_out(out: Any, layout: KVLayout, num_layers: int, num_tokens: int) -> np.ndarray:
+    """The storage-dtype numpy view of a caller's ``get(out=...)`` buffer.
+
+    ``out`` is a C-contiguous CPU torch tensor or numpy array in the layout's dtype,
+    ``[num_layers, 2, heads, >= num_tokens, dim]`` (a bfloat16 numpy buffer is
+    uint16 bits). Checked before any RPC, so a wrong buffer costs nothing.
+
+    Raises:
+        InvalidArgument: naming what was expected and what was seen.
+    """
+    want = f"[{num_layers}, 2, {layout.num_kv_heads}, >= {num_tokens}, {layout.head_dim}]"
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) != 5 or shape[:3] != (num_layers, 2, layout.num_kv_heads) or \
+            shape[4] != layout.head_dim or shape[3] < num_tokens:
+        raise InvalidArgument(f"out has shape {shape}, get needs {want} [layers, 2, kv_heads, "
+                              "tokens, head_dim]")
+    if is_torch_tensor(out):
+        if out.device.type != "cpu":
+            raise InvalidArgument(f"out is on {out.device}; get(out=) fills CPU buffers")
+        if not out.is_contiguous():
+            raise InvalidArgument(f"out is not contiguous (strides {out.stride()}); pass a "
+                                  "contiguous tensor")
+        if out.requires_grad:
+            raise InvalidArgument("out requires grad; pass a tensor without autograd history")
+    elif not isinstance(out, np.ndarray):
+        raise InvalidArgument(f"out must be a torch.Tensor or numpy.ndarray, got "
+                              f"{type(out).__name__}")
+    elif not (out.flags.c_contiguous and out.flags.writeable):
+        raise InvalidArgument("out must be a writable C-contiguous numpy array")
+    return to_storage(out, layout)  # a view; raises InvalidArgument on a dtype mismatch
+
+
+def out_tokens(arr: np.ndarray, layout: KVLayout, position_free: bool) -> int:
+    """Tokens a ``get`` of ``arr`` can return at most (whole chunks, or the RAG chunk)."""
+    return arr.size if position_free else arr.size // layout.chunk_tokens * layout.chunk_tokens
+
+
+def deliver(got: Any, out: Any, dest: np.ndarray | None, dtype: str, *, as_numpy: bool) -> Any:
+    """What ``get`` returns for ``got`` (an array or None): a new array, or ``out``'s
+    leading tokens (filled here if ``got`` came from the stream into a new array)."""
+    if got is None:
+        return None
+    if out is None:
+        return from_storage(got, dtype, as_numpy=as_numpy)
+    num_tokens = got.shape[3]
+    filled = dest[:, :, :, :num_tokens]
+    if not np.may_share_memory(got, filled):
+        np.copyto(filled, got)
+    return out[:, :, :, :num_tokens]
 
 
 class LocalPath:
@@ -224,7 +299,7 @@ class LocalPath:
     def forget(self, index: int) -> None:
         arena = self._arenas.pop(index, None)
         if arena is not None:
-            arena.reader.close()
+            arena.close()
 
     def fallback(self, index: int, address: str, exc: Exception, *, refused: bool) -> object:
         """After an arena failure: raise when forced, else stream (and maybe stop trying)."""
@@ -240,14 +315,22 @@ class LocalPath:
         return STREAM
 
     def read(self, lease: ArenaLease, layout: KVLayout, tokens_per_chunk: int,
-             layers: Sequence[int]) -> np.ndarray | object | None:
-        """Copy a lease's chunks out; STREAM when it pinned fewer chunks than are stored."""
+             layers: Sequence[int], dest: np.ndarray | None = None, verify: bool = True
+             ) -> np.ndarray | object | None:
+        """Copy a lease's chunks out; STREAM when it pinned fewer chunks than are stored.
+
+        ``dest`` (from ``check_out``): copy into its leading tokens and return that
+        view instead of allocating.
+        """
         if lease.num_chunks_stored == 0:
             return None
         if len(lease.extents) < lease.num_chunks_stored:
             return STREAM  # the rest lives where DRAM could not pin it: Get has it all
-        out = new_output(layout, len(layers), len(lease.extents) * tokens_per_chunk)
-        copy_chunks(lease.reader, lease.extents, layout, tokens_per_chunk, layers, out)
+        num_tokens = len(lease.extents) * tokens_per_chunk
+        out = new_output(layout, len(layers), num_tokens) if dest is None else \
+            dest[:, :, :, :num_tokens]
+        copy_chunks(lease.reader, lease.extents, layout, tokens_per_chunk, layers, out,
+                    verify=verify)
         return out
 
     def close(self) -> None:

@@ -103,6 +103,7 @@ class AsyncClient(ClientCore):
     lookup_chunk = awaitable(ClientCore.lookup_chunk)
     delete_chunk = awaitable(ClientCore.delete_chunk)
     lease = awaitable(ClientCore.lease)
+    view = awaitable(ClientCore.view)
 
     async def _run(self, plan: Plan[Any]) -> Any:
         driver = _Driver(self, plan)

@@ -89,6 +89,7 @@ class Client(ClientCore):
     lookup_chunk = blocking(ClientCore.lookup_chunk)
     delete_chunk = blocking(ClientCore.delete_chunk)
     lease = blocking(ClientCore.lease)
+    view = blocking(ClientCore.view)
 
     def _run(self, plan: Plan[Any]) -> Any:
         """Drive a plan that emits nothing; its result."""

@@ -117,19 +117,15 @@ def pack_object(
     flags: int = 0,
 ) -> bytes:
     """Assemble one object: header, section table, meta, then the sections."""
-    if dtype not in DTYPE_CODES:
-        raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
     sizes = (memoryview(s).nbytes for s in sections)
     lengths = np.fromiter(sizes, dtype="<u4", count=len(sections))
     table = lengths.tobytes()
     payload_bytes = len(table) + len(meta) + int(lengths.sum(dtype=np.uint64))
-    if payload_bytes >= MAX_OBJECT_BYTES:
-        raise InvalidArgument(f"object payload of {payload_bytes} bytes exceeds {MAX_OBJECT_BYTES}")
-    prefix = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, codec_id, codec_level, DTYPE_CODES[dtype], flags,
-        num_layers, num_kv_heads, head_dim, num_tokens, len(sections), len(meta), 0,
-        payload_bytes, 0,
-    )[:_CHECKED_PREFIX]
+    prefix = pack_header_prefix(
+        codec_id=codec_id, codec_level=codec_level, dtype=dtype, flags=flags,
+        num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        num_tokens=num_tokens, num_sections=len(sections), meta_bytes=len(meta),
+        payload_bytes=payload_bytes)
     h = _hasher(prefix)
     h.update(table)
     h.update(meta)
@@ -137,6 +133,25 @@ def pack_object(
         h.update(s)
     checksum = struct.pack("<Q", h.intdigest())
     return b"".join([prefix, checksum, table, meta, *sections])
+
+
+def pack_header_prefix(*, codec_id: int, codec_level: int, dtype: str, flags: int,
+                       num_layers: int, num_kv_heads: int, head_dim: int, num_tokens: int,
+                       num_sections: int, meta_bytes: int, payload_bytes: int) -> bytes:
+    """The first 40 header bytes (everything but the checksum, which follows them).
+
+    For writers that build an object in place (the same-host put writes it straight
+    into the daemon's arena) and hash it as they go.
+    """
+    if dtype not in DTYPE_CODES:
+        raise InvalidArgument(f"dtype must be one of {sorted(DTYPE_CODES)}, got {dtype!r}")
+    if payload_bytes >= MAX_OBJECT_BYTES:
+        raise InvalidArgument(f"object payload of {payload_bytes} bytes exceeds {MAX_OBJECT_BYTES}")
+    return _HEADER.pack(
+        MAGIC, FORMAT_VERSION, codec_id, codec_level, DTYPE_CODES[dtype], flags,
+        num_layers, num_kv_heads, head_dim, num_tokens, num_sections, meta_bytes, 0,
+        payload_bytes, 0,
+    )[:_CHECKED_PREFIX]
 
 
 def read_header(data: bytes | memoryview, object_bytes: int | None = None) -> ObjectHeader:

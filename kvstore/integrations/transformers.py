@@ -26,12 +26,16 @@ Batch size 1; ``input_ids`` may be a list of ints, a 1-D tensor or a ``[1, T]`` 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.models.arch import check_layout, layout_for
 from kvstore.models.cache import cache_from_kv, kv_from_cache
 from kvstore.models.dtypes import torch_dtype
@@ -39,7 +43,7 @@ from kvstore.models.dtypes import torch_dtype
 log = logging.getLogger(__name__)
 
 __all__ = ["as_token_list", "cache_from_kv", "generate", "kv_from_cache", "layout_for",
-           "prefill", "store_new_chunks"]
+           "load_prefix", "prefill", "store_new_chunks"]
 
 
 def as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
@@ -55,11 +59,84 @@ def as_token_list(input_ids: Sequence[int] | torch.Tensor) -> list[int]:
     return [int(t) for t in input_ids]
 
 
-def _load_prefix(model: Any, client: Any, ids: list[int]) -> tuple[Any, int, int]:
+def _storage_tensor(arr: Any) -> torch.Tensor:
+    """A read-only numpy view of stored KV as a torch tensor of the stored dtype (no copy)."""
+    with warnings.catch_warnings():  # read-only arena views: we never write through them
+        warnings.simplefilter("ignore", UserWarning)
+        if arr.dtype == np.uint16:  # bfloat16 bits
+            return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(arr)
+
+
+# Buffers the in-place load converts into, one per recent (shape, dtype), reused once
+# nothing references them any more. *Why:* a fresh 94 MB float32 tensor (2048 SmolLM2
+# tokens) faults every page on its first write; on this project's VM that cost more
+# than the rest of the load (scratch measurement: torch.empty + fill 160-280 ms against
+# a 13-48 ms get, under load). A loaded cache's tensors are views of the buffer until
+# the model's first forward replaces them (DynamicLayer.update concatenates), so the
+# buffer is free again right after the prefill that loaded it.
+_BUFFERS: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+_BUFFERS_LOCK = threading.Lock()
+_MAX_BUFFERS = 2
+# References to a buffer taken out of the pool that no one else holds: the local name
+# and getrefcount's argument. Every view of it (a cache's layers) holds it as ``_base``.
+_FREE_REFS = 2
+
+
+def _load_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A ``shape`` tensor of ``dtype`` no one else references: pooled (warm) if possible."""
+    key = (shape, dtype)
+    with _BUFFERS_LOCK:
+        buf = _BUFFERS.pop(key, None)
+        if buf is None or sys.getrefcount(buf) > _FREE_REFS:  # still viewed by a cache
+            with torch.inference_mode(False):  # writable in and out of inference mode
+                buf = torch.empty(shape, dtype=dtype)
+        _BUFFERS[key] = buf  # most recent last
+        while len(_BUFFERS) > _MAX_BUFFERS:
+            del _BUFFERS[next(iter(_BUFFERS))]
+        return buf
+
+
+def _load_in_place(model: Any, client: Any, ids: list[int]) -> torch.Tensor | None:
+    """The stored prefix of ``ids`` converted straight from the daemon's arena into one
+    ``[layers, 2, heads, n, dim]`` tensor of the model's dtype; None when there is no
+    same-host view of every stored chunk (then ``get`` is the way).
+
+    *Why:* a ``get`` copies the chunks into a new tensor of the stored dtype, and the
+    cache then needs a second pass to convert them; here each chunk is verified and
+    converted while in cache, with one pass over the arena and one write.
+    """
+    if getattr(client, "view", None) is None:
+        return None
+    try:
+        with client.view(ids, verify=False) as view:
+            if not view.chunks or len(view.chunks) < view.lease.num_chunks_stored:
+                return None
+            param = next(model.parameters())
+            first = view.chunks[0]  # [layers, 2, heads, T, dim]
+            per_chunk = first.shape[3]
+            out = _load_buffer((*first.shape[:3], view.num_tokens, first.shape[4]),
+                               param.dtype)
+            for index, chunk in enumerate(view.chunks):
+                view.verify(index)  # the chunk is then in cache for the conversion
+                span = slice(index * per_chunk, (index + 1) * per_chunk)
+                with torch.no_grad():
+                    out[:, :, :, span].copy_(_storage_tensor(chunk))
+    except KVStoreError as exc:  # not on this host, refused, compressed or corrupt chunks
+        log.debug("no in-place load of the prefix (%s); using get", exc)
+        return None
+    return out if param.device.type == "cpu" else out.to(param.device)
+
+
+def load_prefix(model: Any, client: Any, ids: list[int]) -> tuple[Any, int, int]:
     """(cache or None, tokens to reuse, tokens stored) for the longest stored prefix of ``ids``."""
     num_full = len(ids) // client.layout.chunk_tokens * client.layout.chunk_tokens
-    # get() returns the leading stored chunks, so no separate lookup round trip.
-    kv = client.get(ids[:num_full]) if num_full else None
+    if not num_full:
+        return None, 0, 0
+    kv = _load_in_place(model, client, ids[:num_full])
+    if kv is None:
+        # get() returns the leading stored chunks, so no separate lookup round trip.
+        kv = client.get(ids[:num_full])
     if kv is None:  # a miss is a result, not an error
         return None, 0, 0
     kv = torch.as_tensor(kv)
@@ -103,7 +180,7 @@ def prefill(
     if not ids:
         raise InvalidArgument("input_ids is empty; prefill needs at least one token")
     check_layout(model, client.layout)
-    cache, num_reused, num_stored = _load_prefix(model, client, ids)
+    cache, num_reused, num_stored = load_prefix(model, client, ids)
     if cache is None:
         from transformers import DynamicCache
 

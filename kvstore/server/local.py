@@ -1,8 +1,10 @@
-"""The same-host path on the daemon side: who may map the arena, and leasing a chunk run.
+"""The same-host path on the daemon side: who may map the arena, leases and reservations.
 
-A same-host client maps the DRAM arena read-only (AttachArena), asks for the
-extents of the chunks it wants under a lease (LeaseChunks), copies them out and
-releases the lease (ReleaseLease). Bytes never cross the socket.
+A same-host client maps the DRAM arena (AttachArena), asks for the extents of the
+chunks it wants under a lease (LeaseChunks), copies them out and releases the
+lease (ReleaseLease). To put, it reserves space (ReserveExtents), writes each
+chunk's object into it and commits (CommitExtents): the daemon verifies the
+objects where they lie and indexes them without a copy. Bytes never cross the socket.
 
 Who may use it: only callers connecting from a loopback address (a remote peer
 could not map the file anyway, and must not be able to pin DRAM with leases), and,
@@ -12,14 +14,17 @@ the arena holds every tenant's chunks, so a tenant that maps it could read them 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.arena_file import host_boot_id
-from kvstore.errors import NotFound, PermissionDenied
-from kvstore.keys import ChunkKey
+from kvstore.arena_file import Placement, host_boot_id
+from kvstore.codec.format import HEADER_BYTES
+from kvstore.errors import CapacityExhausted, InvalidArgument, NotFound, PermissionDenied
+from kvstore.keys import ChunkKey, Namespace
+from kvstore.server.objects import check_put_object, max_object_bytes
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +123,89 @@ def lease_run(engine: Any, keys: Sequence[ChunkKey], ttl_s: float) -> LeasedRun:
         dram.release_lease(lease_id)
         lease_id = 0
     return LeasedRun(lease_id, ttl_s, [(e.offset, e.length) for e in extents], num_stored)
+
+
+@dataclass(frozen=True, slots=True)
+class PutReservation:
+    """What the daemon remembers of a same-host put between reserve and commit."""
+
+    namespace: Namespace  # the caller's, tenant included
+    keys: list[ChunkKey | None]  # per reserved extent; None = already stored, not reserved
+    first_chunk: int  # chunk index of keys[0]
+    num_tokens: int  # tokens per chunk object
+    position_free: bool
+
+
+def check_object_sizes(namespace: Namespace, num_chunks: int, first_chunk: int,
+                       sizes: Sequence[int], per_chunk: int) -> None:
+    """The object sizes of a ReserveExtents request, checked before anything is evicted."""
+    if first_chunk + len(sizes) > num_chunks or not sizes:
+        raise InvalidArgument(f"object_bytes has {len(sizes)} entries from first_chunk "
+                              f"{first_chunk}; the tokens hold {num_chunks} full chunks, and "
+                              "at least one object must be reserved")
+    largest = max_object_bytes(namespace, per_chunk)
+    for i, size in enumerate(sizes):
+        if not HEADER_BYTES <= size <= largest:
+            raise InvalidArgument(f"chunk {first_chunk + i}: object_bytes is {size}, expected "
+                                  f"{HEADER_BYTES} to {largest} (the raw object's size)")
+
+
+def reserve_run(engine: Any, plan: PutReservation, sizes: Sequence[int], ttl_s: float
+                ) -> tuple[int, list[tuple[int, int]]]:
+    """Reserve DRAM for the chunks of ``plan`` no tier holds yet (runs on the I/O pool).
+
+    Returns:
+        (reservation id or 0, one ``(offset, length)`` per size; ``(0, 0)`` = stored).
+
+    Raises:
+        CapacityExhausted: DRAM cannot hold them (full of leased bytes, or too small).
+    """
+    present = [key is None or engine.contains(key) for key in plan.keys]
+    wanted = [size for size, is_present in zip(sizes, present, strict=True) if not is_present]
+    if not wanted:
+        return 0, [(0, 0)] * len(sizes)
+    tag = dataclasses.replace(plan, keys=[None if p else k
+                                          for k, p in zip(plan.keys, present, strict=True)])
+    got = engine.dram.reserve(wanted, ttl_s, tag)
+    if got is None:
+        raise CapacityExhausted(f"DRAM cannot reserve {sum(wanted)} bytes for {len(wanted)} "
+                                "objects now (its room is leased, or it is too small); use Put")
+    reservation_id, extents = got
+    found = iter(extents)
+    placed = []
+    for is_present in present:
+        extent = None if is_present else next(found)
+        placed.append((0, 0) if extent is None else (extent.offset, extent.length))
+    return reservation_id, placed
+
+
+def commit_run(engine: Any, registry: Any, reservation_id: int) -> tuple[int, int]:
+    """Verify a reservation's objects in place and store them (runs on the I/O pool).
+
+    Every object is checked before any is indexed, so a bad one stores nothing.
+
+    Returns:
+        (chunks newly stored, chunks already present).
+
+    Raises:
+        NotFound: the reservation expired or is unknown.
+        InvalidArgument: an object fails verification (the reservation is dropped).
+    """
+    dram = engine.dram
+    extents, plan = dram.claim_reservation(reservation_id)
+    try:
+        views = []
+        chunks = [(i, key) for i, key in enumerate(plan.keys) if key is not None]
+        for extent, (i, _) in zip(extents, chunks, strict=True):
+            view = dram.reserved_view(extent)
+            check_put_object(view, plan.namespace, plan.num_tokens,
+                             position_free=plan.position_free, chunk_index=plan.first_chunk + i)
+            views.append(view)
+        registry.register(plan.namespace)
+        stored = 0
+        for index, (view, (_, key)) in enumerate(zip(views, chunks, strict=True)):
+            stored += bool(engine.put(key, view, plan.namespace.tenant,
+                                      placed=Placement(reservation_id, index)))
+        return stored, len(plan.keys) - stored
+    finally:
+        dram.finish_reservation(reservation_id)

@@ -328,6 +328,38 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.ReleaseLeaseResponse()
 
     @_rpc
+    async def ReserveExtents(self, request: pb.ReserveExtentsRequest, context: Any,
+                             tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        local.check_nonce(self._engine.dram, request.arena_nonce)
+        namespace = self._namespace(request, tenant)
+        position_free = request.position_free
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
+        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        per_chunk = tokens_per_chunk(namespace, tokens, position_free=position_free)
+        first, sizes = request.first_chunk, list(request.object_bytes)
+        local.check_object_sizes(namespace, len(keys), first, sizes, per_chunk)
+        plan = local.PutReservation(namespace, list(keys[first:first + len(sizes)]), first,
+                                    per_chunk, position_free)
+        ttl_s = local.lease_ttl_s(self._engine.dram, request.ttl_ms)
+        reservation_id, extents = await self._run(local.reserve_run, self._engine, plan, sizes,
+                                                  ttl_s)
+        if reservation_id:
+            self._lease_owners.record(reservation_id, tenant, ttl_s)
+        return pb.ReserveExtentsResponse(
+            reservation_id=reservation_id, ttl_ms=int(ttl_s * 1000),
+            extents=[pb.ChunkExtent(offset_bytes=o, length_bytes=n) for o, n in extents])
+
+    @_rpc
+    async def CommitExtents(self, request: pb.CommitExtentsRequest, context: Any,
+                            tenant: str | None):
+        self._same_host.check(context.peer(), tenant)
+        self._lease_owners.check_release(request.reservation_id, tenant)  # the reserver only
+        stored, present = await self._run(local.commit_run, self._engine, self._registry,
+                                          request.reservation_id)
+        return pb.CommitExtentsResponse(num_chunks_stored=stored, num_chunks_present=present)
+
+    @_rpc
     async def LeaseGpuChunks(self, request: pb.LeaseGpuChunksRequest, context: Any,
                              tenant: str | None):
         self._same_host.check(context.peer(), tenant)

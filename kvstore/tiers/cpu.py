@@ -6,8 +6,10 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
-from kvstore.arena import Arena, ArenaIdentity, Extent, LeaseId
+from kvstore.arena import Arena, ArenaIdentity, Extent, LeaseId, Placement
 from kvstore.config import CpuTierConfig
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import EvictCallback, TierStats
@@ -74,8 +76,12 @@ class CpuTier:
         """The object under ``key`` without touching recency or hit counters."""
         return self._arena.peek(key)
 
-    def put(self, key: ChunkKey, obj: bytes) -> bool:
+    def put(self, key: ChunkKey, obj: bytes | memoryview, *,
+            placed: Placement | None = None) -> bool:
         """Store ``obj``, evicting least recently used objects to make room.
+
+        ``placed``: ``obj`` already lies in reserved arena space (a same-host
+        writer's commit); it is indexed where it is instead of copied.
 
         Returns:
             True if the object is held afterwards (a key already present is only
@@ -86,7 +92,9 @@ class CpuTier:
         if size > self._capacity_bytes:
             return False
         is_new = not self._arena.contains(key)
-        if not self._arena.put(key, obj):
+        if placed is not None:
+            self._arena.adopt(placed, key)
+        elif not self._arena.put(key, obj):
             logger.debug("DRAM refused a %d-byte chunk: its room is leased", size)
             return False
         if is_new:
@@ -94,6 +102,10 @@ class CpuTier:
                 self._stats.puts += 1
                 self._stats.written_bytes += size
         return True
+
+    def pinned(self, key: ChunkKey) -> AbstractContextManager[bytes | memoryview | None]:
+        """``with tier.pinned(key) as obj``: the object in place (None if absent), pinned."""
+        return self._arena.pinned(key)
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         return self._arena.contains_many(keys)
@@ -111,9 +123,12 @@ class CpuTier:
             stats = dataclasses.replace(self._stats)
         stats.used_bytes = self._arena.used_bytes
         stats.num_objects = len(self._arena)
+        num_reservations, reserved_bytes = self._arena.reservation_stats()
         stats.info = {"io": "dram", "arena": self._arena.path,
                       "hugepages": self._arena.hugepages,
-                      "leases": str(self._arena.num_leases())}
+                      "leases": str(self._arena.num_leases()),
+                      "reservations": str(num_reservations),
+                      "reserved_bytes": str(reserved_bytes)}
         return stats
 
     def close(self) -> None:
@@ -153,3 +168,22 @@ class CpuTier:
     def release_lease(self, lease_id: LeaseId) -> None:
         """End a lease; raises NotFound if it is not held (released or expired)."""
         self._arena.release(lease_id)
+
+    # -- same-host writers --------------------------------------------------------
+
+    def reserve(self, sizes: Sequence[int], ttl_s: float | None = None, tag: Any = None
+                ) -> tuple[LeaseId, list[Extent]] | None:
+        """Space for objects a same-host client writes in place (see ``Arena.reserve``)."""
+        return self._arena.reserve(sizes, ttl_s, tag)
+
+    def claim_reservation(self, reservation_id: LeaseId) -> tuple[list[Extent], Any]:
+        """Start a commit; raises NotFound if the reservation is gone."""
+        return self._arena.claim_reservation(reservation_id)
+
+    def reserved_view(self, extent: Extent) -> memoryview:
+        """The bytes of a claimed reservation's extent, to verify before indexing."""
+        return self._arena.writable_view(extent)
+
+    def finish_reservation(self, reservation_id: LeaseId) -> None:
+        """End a commit: unpin what was indexed, free the rest."""
+        self._arena.finish_reservation(reservation_id)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvstore.arena import _FreeList
+from kvstore.arena_file import FreeList
 from kvstore.arena_file import ALIGN
 from kvstore.codec.format import CodecId, read_header
 from kvstore.config import GpuTierConfig
@@ -129,7 +129,7 @@ class GpuTier:
         self.nonce = secrets.token_bytes(16)  # tells clients which slab they opened
         self._slab = slab
         self._capacity_bytes = slab.nbytes // ALIGN * ALIGN
-        self._free = _FreeList(self._capacity_bytes)
+        self._free = FreeList(self._capacity_bytes)
         self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
         self._evicting: dict[ChunkKey, bytes] = {}  # evicted, on_evict still running
         self._leases: dict[LeaseId, _Lease] = {}

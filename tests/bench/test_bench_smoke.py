@@ -17,7 +17,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 FAST = {
     "bench_store.py": ["--chunks", "2", "--repeat", "1"],
-    "bench_local.py": ["--mb", "12", "--repeat", "1"],
+    "bench_local.py": ["--mb", "12", "--repeat", "1", "--request-tokens", "256",
+                       "--request-repeat", "2"],
+    "bench_vs_peers.py": ["--tokens", "256", "--requests", "2"],
     "bench_redis.py": ["--smoke"],
     "bench_codec.py": ["--smoke"],
     "bench_codec_gpu.py": ["--smoke"],

@@ -149,3 +149,65 @@ def test_rotate_keys_moves_cached_keys_to_the_positions_the_model_computes():
 def test_rope_spec_rejects_length_dependent_or_partial_rope(rope):
     with pytest.raises(InvalidArgument, match="rope|rotary"):
         rope_spec(tiny_llama(rope))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_in_place_load_equals_the_get_path_and_streams_nothing(daemon, dtype):
+    from kvstore import Client
+    from kvstore.integrations.transformers import load_prefix
+
+    model = tiny_llama()
+    ids = [int(t) for t in torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(3))]
+    layout = layout_for(model, dtype, 16)
+    name = f"in-place-{next(_names)}"
+    with Client(daemon.address, name, layout) as near, \
+            Client(daemon.address, name, layout, transport="stream") as far:
+        prefill(model, ids, near)
+        sent = daemon.counters.sent_bytes
+        cache, num_reused, num_stored = load_prefix(model, near, ids)
+        assert daemon.counters.sent_bytes == sent  # read in the arena, not streamed
+        streamed, num_reused_far, _ = load_prefix(model, far, ids)
+        assert daemon.counters.sent_bytes > sent
+    assert (num_reused, num_stored, num_reused_far) == (64, 64, 64)
+    for mine, theirs in zip(cache.layers, streamed.layers, strict=True):
+        assert mine.keys.dtype == torch.float32
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+
+
+def test_in_place_load_falls_back_to_get_for_compressed_chunks(daemon):
+    from kvstore import Client
+    from kvstore.integrations.transformers import load_prefix
+
+    model = tiny_llama()
+    ids = [int(t) for t in torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(4))]
+    with Client(daemon.address, f"kvq-{next(_names)}", layout_for(model, "float16", 16),
+                codec="balanced") as client:
+        prefill(model, ids, client)
+        with pytest.raises(InvalidArgument, match="compressed"):
+            client.view(ids[:32])
+        cache, num_reused, _ = load_prefix(model, client, ids)
+    assert num_reused == 32 and cache.get_seq_length() == 32
+
+
+def test_in_place_load_reuses_its_buffer_only_once_no_cache_views_it(daemon):
+    from kvstore import Client
+    from kvstore.integrations.transformers import load_prefix
+
+    model = tiny_llama()
+    ids = [int(t) for t in torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(5))]
+    with Client(daemon.address, f"reuse-{next(_names)}", layout_for(model, "float16", 16)) as c:
+        prefill(model, ids, c)
+        first, _, _ = load_prefix(model, c, ids)
+        kept = first.layers[1].keys.clone()
+        second, _, _ = load_prefix(model, c, ids)  # `first` still views its buffer
+        assert first.layers[1].keys.data_ptr() != second.layers[1].keys.data_ptr()
+        assert torch.equal(first.layers[1].keys, kept)
+        ptr = second.layers[0].keys.data_ptr()
+        del first, second
+        third, _, _ = load_prefix(model, c, ids)  # nothing views the buffer now: reused
+        assert third.layers[0].keys.data_ptr() == ptr
+        with torch.inference_mode():  # a forward replaces the views: the buffer is free
+            model(input_ids=torch.tensor([ids[48:]]), cache=third, use_cache=True)
+        fourth, _, _ = load_prefix(model, c, ids)
+        assert fourth.layers[0].keys.data_ptr() == ptr
+        assert torch.equal(fourth.layers[1].keys, kept)
