@@ -29,8 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "kvstore._proto": set(),
     "kvstore._frames": {"kvstore.errors", "kvstore._proto"},
     "kvstore.arena_file": {"kvstore.errors"},
-    "kvstore._progress": set(),
-    "kvstore.device_checksum": set(),  # the chunk checksum computed on CPU and GPU alike  # progress bars on a terminal's stderr (rich)
+    "kvstore._progress": set(),  # progress bars on a terminal's stderr (rich)
+    "kvstore.device_checksum": set(),  # the chunk checksum computed on CPU and GPU alike
     # below the codec: configuration, model knowledge, Triton kernels
     "kvstore.config": {"kvstore.errors"},
     "kvstore.config_doc": {"kvstore.config"},  # the reference generated from the config

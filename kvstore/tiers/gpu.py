@@ -36,8 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvstore.arena_file import FreeList
-from kvstore.arena_file import ALIGN
+from kvstore.arena_file import ALIGN, FreeList
 from kvstore.codec.format import CodecId, read_header
 from kvstore.config import GpuTierConfig
 from kvstore.errors import Corrupt, InvalidArgument, NotFound

@@ -186,8 +186,6 @@ def _every_rpc(stub: pb_grpc.KVStoreStub, layout: KVLayout, md) -> dict[str, obj
             namespace=ns, tokens_le_i32=tokens, object_bytes=[100, 100]), metadata=md),
         "CommitExtents": lambda: stub.CommitExtents(pb.CommitExtentsRequest(
             reservation_id=1), metadata=md),
-        "LeaseGpuChunks": lambda: stub.LeaseGpuChunks(pb.LeaseGpuChunksRequest(
-            namespace=ns, tokens_le_i32=tokens), metadata=md),
         "FetchBlocks": lambda: stub.FetchBlocks(pb.FetchBlocksRequest(
             namespace=ns, tokens_le_i32=tokens, heads=[0], blocks=[0]), metadata=md),
         "PutBlob": lambda: stub.PutBlob(pb.PutBlobRequest(namespace=ns, tokens_le_i32=tokens,
