@@ -19,22 +19,6 @@ def _ipc_child(queue, chunk, expected_sum):  # runs in a spawned process
     queue.put(float(out.float().sum().item()) == expected_sum)
 
 
-def test_gpu_tier_evicts_lru_within_capacity():
-    import torch
-
-    from kvstore.tiers.gpu import GpuTier, GpuTierConfig
-    from tests.fakes import make_key
-
-    chunk = torch.ones(4, 2, 1, 16, 8, dtype=torch.float16)
-    size = chunk.numel() * 2
-    tier = GpuTier(GpuTierConfig(capacity_bytes=2 * size))
-    for i in range(3):
-        tier.put(make_key(i), chunk * i).synchronize()
-    assert tier.contains_many([make_key(0), make_key(1), make_key(2)]) == [False, True, True]
-    assert torch.equal(tier.get(make_key(2)).cpu(), chunk * 2)
-    assert tier.stats().evictions == 1
-
-
 def test_cuda_ipc_round_trip_copies_device_to_device():
     import torch
     import torch.multiprocessing as mp
