@@ -66,6 +66,24 @@ class PartManifest:
     def part_length(self, index: int) -> int:
         return min(self.part_bytes, self.total_bytes - index * self.part_bytes)
 
+    @classmethod
+    def of(cls, data: bytes | memoryview, part_bytes: int) -> PartManifest:
+        """The manifest of ``data`` stored in parts of ``part_bytes``."""
+        return cls(len(data), part_bytes, -(-len(data) // part_bytes),
+                   xxhash.xxh3_64_intdigest(data))
+
+    def check_part(self, index: int, part: bytes) -> None:
+        """Corrupt unless ``part`` has the length this manifest gives part ``index``."""
+        if len(part) != self.part_length(index):
+            raise Corrupt(f"part {index} of {self.num_parts} is {len(part)} bytes, the "
+                          f"manifest wants {self.part_length(index)}")
+
+    def check_whole(self, data: bytes) -> None:
+        """Corrupt unless the joined parts hash to the whole blob's XXH3-64."""
+        if xxhash.xxh3_64_intdigest(data) != self.blob_xxh3:
+            raise Corrupt(f"its {self.num_parts} parts do not hash to the manifest's "
+                          "XXH3-64 (parts of two different blobs?)")
+
     def to_bytes(self) -> bytes:
         body = _MANIFEST_BODY.pack(PARTS_MAGIC, PARTS_VERSION, 0, self.total_bytes,
                                    self.part_bytes, self.num_parts, self.blob_xxh3)
@@ -102,6 +120,11 @@ def part_size(payload_bytes: int, num_tokens: int, max_part_bytes: int) -> int:
             f"{num_tokens} tokens leave {size} bytes per blob part under the client's "
             f"message limit, want at least {_MIN_PART_BYTES}; raise max_message_bytes")
     return size
+
+
+# What makes a parted blob read as a miss: a bad manifest or part, or a part the
+# daemon cannot send under this client's message limit.
+BROKEN_ERRORS = (Corrupt, CapacityExhausted)
 
 
 def is_manifest(head: bytes) -> bool:

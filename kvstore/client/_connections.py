@@ -1,10 +1,7 @@
-"""Channels to a list of daemons and the failover loop over them (shared by both clients).
+"""Channels to a list of daemons, their order and deadlines (shared by both clients).
 
-Failover: a call that fails with UNAVAILABLE (connection refused, daemon
-draining) or whose stream is cut mid-way moves to the next address and is
-retried whole; calls are idempotent because keys are content hashes. The
-address that answered becomes the first one tried next time. Every call has
-one overall deadline, ``timeout_s``, shared by its attempts.
+The failover policy itself is described and run in ``kvstore.client._core``;
+``Connections.call`` runs it for namespace-free calls (``fetch_stats``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-import xxhash
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import _arena_put as arena_put
@@ -36,8 +35,6 @@ from kvstore.client._status import error_from_rpc
 from kvstore.client._tensors import from_storage
 from kvstore.client._view import ArenaView, open_view
 from kvstore.errors import (
-    CapacityExhausted,
-    Corrupt,
     InvalidArgument,
     KVStoreError,
     NotFound,
@@ -46,14 +43,16 @@ from kvstore.errors import (
 from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
+STREAMING_PLANS = frozenset({"get_layers"})  # plans that emit values (generator methods)
 Attempt = Callable[[int, float], Plan[Any]]  # (address index, timeout_s) -> plan of one try
 
 
 class ClientCore:
     """State and plans shared by ``Client`` and ``AsyncClient`` (see their docstrings).
 
-    Subclasses set ``connections`` (the channel kind) and wrap each public plan
-    with a driver; ``tests/client/test_core.py`` checks that both wrap all of them.
+    Subclasses set ``connections`` (the channel kind) and turn every public plan into
+    a method with ``kvstore.client._plan.driven_by``; ``tests/client/test_core.py``
+    checks that both clients have all of them, with the same signatures.
     """
 
     connections: type[Connections] = Connections
@@ -224,9 +223,8 @@ class ClientCore:
             size = min(size, -(-len(data) // 2))
         elif len(data) <= size:
             return (yield from self._put_one_blob(fields, kind, data))
-        num_parts = -(-len(data) // size)
-        manifest = blobs.PartManifest(len(data), size, num_parts, xxhash.xxh3_64_intdigest(data))
-        view = memoryview(data)
+        manifest = blobs.PartManifest.of(data, size)
+        view, num_parts = memoryview(data), manifest.num_parts
         for i in range(num_parts):
             yield from self._put_one_blob(fields, blobs.part_kind(kind, i, num_parts),
                                           view[i * size : (i + 1) * size])
@@ -244,7 +242,7 @@ class ClientCore:
             return head
         try:
             return (yield from self._join_blob(fields, kind, blobs.PartManifest.from_bytes(head)))
-        except (Corrupt, CapacityExhausted) as exc:
+        except blobs.BROKEN_ERRORS as exc:
             self.num_broken_blobs += 1
             log.warning("ignoring blob %s of %d tokens: %s", kind,
                         len(fields["tokens_le_i32"]) // 4, exc)
@@ -395,14 +393,10 @@ class ClientCore:
                 self.num_broken_blobs += 1
                 log.info("blob %s lost part %d of %d; a miss", kind, i, manifest.num_parts)
                 return None
-            if len(part) != manifest.part_length(i):
-                raise Corrupt(f"part {i} of {manifest.num_parts} is {len(part)} bytes, the "
-                              f"manifest wants {manifest.part_length(i)}")
+            manifest.check_part(i, part)
             parts.append(part)
         data = b"".join(parts)
-        if xxhash.xxh3_64_intdigest(data) != manifest.blob_xxh3:
-            raise Corrupt(f"its {manifest.num_parts} parts do not hash to the manifest's "
-                          "XXH3-64 (parts of two different blobs?)")
+        manifest.check_whole(data)
         return data
 
     def _assembler(self, layers: list[int] | None, tokens: Any, *, layer_major: bool,

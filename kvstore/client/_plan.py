@@ -15,6 +15,7 @@ a client method with the same name, signature and docstring.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -75,6 +76,30 @@ class Emit:
 END = object()  # what Receive sends back once a stream has ended
 Effect = Unary | OpenStream | Receive | Offload | Emit
 Plan = Generator[Effect, Any, T]
+
+
+def start_call(conns: Any, effect: Unary | OpenStream) -> Any:
+    """Start the RPC of an effect on ``conns`` (blocking stubs: the response or the
+    stream; grpc.aio: an awaitable call or an async stream)."""
+    call = getattr(conns.stub(effect.index), effect.method)
+    return call(effect.request, timeout=effect.timeout_s, metadata=conns.metadata)
+
+
+def driven_by(call: Callable[..., Any], stream: Callable[..., Any],
+              streaming: frozenset[str]) -> Callable[[type], type]:
+    """Class decorator: every public plan of the class's bases becomes a method of the
+    class, wrapped by ``call`` (``stream`` for the names in ``streaming``)."""
+
+    def decorate(cls: type) -> type:
+        for base in cls.__mro__[1:]:
+            for name, member in vars(base).items():
+                if name.startswith("_") or not inspect.isgeneratorfunction(member) \
+                        or name in vars(cls):
+                    continue
+                setattr(cls, name, (stream if name in streaming else call)(member))
+        return cls
+
+    return decorate
 
 
 def blocking(plan: Callable[..., Plan[Any]]) -> Callable[..., Any]:

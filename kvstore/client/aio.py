@@ -13,19 +13,10 @@ from typing import Any
 
 import grpc
 
+from kvstore.client import _plan
 from kvstore.client._connections import Connections
-from kvstore.client._core import ClientCore
-from kvstore.client._plan import (
-    END,
-    Emit,
-    Offload,
-    OpenStream,
-    Plan,
-    Receive,
-    Unary,
-    async_stream,
-    awaitable,
-)
+from kvstore.client._core import STREAMING_PLANS, ClientCore
+from kvstore.client._plan import Plan, async_stream, awaitable, driven_by
 
 
 class AsyncConnections(Connections):
@@ -56,9 +47,9 @@ class _Driver:
                     else self.plan.throw(self._error)
             except StopIteration as stop:
                 self.result = stop.value
-                return END
+                return _plan.END
             self._value, self._error = None, None
-            if isinstance(effect, Emit):
+            if isinstance(effect, _plan.Emit):
                 return effect.value
             try:
                 self._value = await self._perform(effect)
@@ -66,20 +57,15 @@ class _Driver:
                 self._error = exc
 
     async def _perform(self, effect: Any) -> Any:
-        conns = self.client._conns
-        if isinstance(effect, Receive):
-            return await anext(effect.stream, END)
-        if isinstance(effect, Unary):
-            call = getattr(conns.stub(effect.index), effect.method)
-            return await call(effect.request, timeout=effect.timeout_s, metadata=conns.metadata)
-        if isinstance(effect, OpenStream):
-            call = getattr(conns.stub(effect.index), effect.method)
-            return aiter(call(effect.request, timeout=effect.timeout_s, metadata=conns.metadata))
-        if isinstance(effect, Offload):
+        if isinstance(effect, _plan.Receive):
+            return await anext(effect.stream, _plan.END)
+        if isinstance(effect, _plan.Offload):
             return await asyncio.to_thread(effect.fn, *effect.args)
-        raise AssertionError(f"unknown effect {effect!r}")
+        call = _plan.start_call(self.client._conns, effect)
+        return aiter(call) if isinstance(effect, _plan.OpenStream) else await call
 
 
+@driven_by(awaitable, async_stream, STREAMING_PLANS)
 class AsyncClient(ClientCore):
     """Asyncio client of one namespace; same arguments, methods and semantics as ``Client``.
 
@@ -88,27 +74,10 @@ class AsyncClient(ClientCore):
 
     connections = AsyncConnections
 
-    put = awaitable(ClientCore.put)
-    lookup = awaitable(ClientCore.lookup)
-    get = awaitable(ClientCore.get)
-    get_layers = async_stream(ClientCore.get_layers)
-    delete = awaitable(ClientCore.delete)
-    prefetch = awaitable(ClientCore.prefetch)
-    stats = awaitable(ClientCore.stats)
-    fetch_blocks = awaitable(ClientCore.fetch_blocks)
-    put_blob = awaitable(ClientCore.put_blob)
-    get_blob = awaitable(ClientCore.get_blob)
-    put_chunk = awaitable(ClientCore.put_chunk)
-    get_chunk = awaitable(ClientCore.get_chunk)
-    lookup_chunk = awaitable(ClientCore.lookup_chunk)
-    delete_chunk = awaitable(ClientCore.delete_chunk)
-    lease = awaitable(ClientCore.lease)
-    view = awaitable(ClientCore.view)
-
     async def _run(self, plan: Plan[Any]) -> Any:
         driver = _Driver(self, plan)
         try:
-            if await driver.next_emitted() is not END:
+            if await driver.next_emitted() is not _plan.END:
                 raise AssertionError("a plan emitted outside get_layers")
         finally:
             plan.close()
@@ -117,7 +86,7 @@ class AsyncClient(ClientCore):
     async def _iterate(self, plan: Plan[None]) -> AsyncIterator[Any]:
         driver = _Driver(self, plan)
         try:
-            while (item := await driver.next_emitted()) is not END:
+            while (item := await driver.next_emitted()) is not _plan.END:
                 yield item
         finally:
             plan.close()

@@ -12,20 +12,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvstore._proto import kvstore_pb2 as pb
+from kvstore.client import _plan
 from kvstore.client import _protocol as proto
 from kvstore.client._connections import Connections
-from kvstore.client._core import ClientCore
-from kvstore.client._plan import (
-    END,
-    Emit,
-    Offload,
-    OpenStream,
-    Plan,
-    Receive,
-    Unary,
-    blocking,
-    blocking_stream,
-)
+from kvstore.client._core import STREAMING_PLANS, ClientCore
+from kvstore.client._plan import Plan, blocking, blocking_stream, driven_by
 
 
 def fetch_stats(addresses: str | Sequence[str], *, token: str | None = None,
@@ -43,6 +34,7 @@ def fetch_stats(addresses: str | Sequence[str], *, token: str | None = None,
         conns.close()
 
 
+@driven_by(blocking, blocking_stream, STREAMING_PLANS)
 class Client(ClientCore):
     """Blocking client of one namespace on one or more daemons (failover in order).
 
@@ -74,23 +66,6 @@ class Client(ClientCore):
 
     connections = Connections
 
-    put = blocking(ClientCore.put)
-    lookup = blocking(ClientCore.lookup)
-    get = blocking(ClientCore.get)
-    get_layers = blocking_stream(ClientCore.get_layers)
-    delete = blocking(ClientCore.delete)
-    prefetch = blocking(ClientCore.prefetch)
-    stats = blocking(ClientCore.stats)
-    fetch_blocks = blocking(ClientCore.fetch_blocks)
-    put_blob = blocking(ClientCore.put_blob)
-    get_blob = blocking(ClientCore.get_blob)
-    put_chunk = blocking(ClientCore.put_chunk)
-    get_chunk = blocking(ClientCore.get_chunk)
-    lookup_chunk = blocking(ClientCore.lookup_chunk)
-    delete_chunk = blocking(ClientCore.delete_chunk)
-    lease = blocking(ClientCore.lease)
-    view = blocking(ClientCore.view)
-
     def _run(self, plan: Plan[Any]) -> Any:
         """Drive a plan that emits nothing; its result."""
         driven = self._drive(plan)
@@ -116,7 +91,7 @@ class Client(ClientCore):
                 except StopIteration as stop:
                     return stop.value
                 value, error = None, None
-                if isinstance(effect, Emit):
+                if isinstance(effect, _plan.Emit):
                     yield effect.value
                     continue
                 try:
@@ -127,19 +102,14 @@ class Client(ClientCore):
             plan.close()
 
     def _perform(self, effect: Any) -> Any:
-        conns = self._conns
-        if isinstance(effect, Receive):
-            return next(effect.stream, END)
-        if isinstance(effect, Unary):
-            call = getattr(conns.stub(effect.index), effect.method)
-            return call(effect.request, timeout=effect.timeout_s, metadata=conns.metadata)
-        if isinstance(effect, OpenStream):
-            call = getattr(conns.stub(effect.index), effect.method)
-            stream = call(effect.request, timeout=effect.timeout_s, metadata=conns.metadata)
-            return read_ahead(stream) if effect.read_ahead else iter(stream)
-        if isinstance(effect, Offload):
+        if isinstance(effect, _plan.Receive):
+            return next(effect.stream, _plan.END)
+        if isinstance(effect, _plan.Offload):
             return effect.fn(*effect.args)
-        raise AssertionError(f"unknown effect {effect!r}")
+        call = _plan.start_call(self._conns, effect)
+        if isinstance(effect, _plan.OpenStream):
+            return read_ahead(call) if effect.read_ahead else iter(call)
+        return call
 
     def close(self) -> None:
         self._local.close()

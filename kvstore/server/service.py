@@ -11,6 +11,7 @@ exception into a status code through ``kvstore.server.status``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -60,25 +61,34 @@ T = TypeVar("T")
 _TENANT_VISIBLE_INFO = frozenset({"io", "fsync", "hugepages", "mode", "state"})
 
 
+@contextlib.asynccontextmanager
+async def _accounted(servicer: KVStoreServicer, method: str,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[str | None]:
+    """Authenticate one call (yields its tenant), time it and turn any failure inside it
+    into its status code."""
+    started = time.perf_counter()
+    tenant = await servicer._begin(method, context)
+    try:
+        yield tenant
+    except grpc.aio.AbortError:
+        raise  # already counted where the abort was decided
+    except asyncio.CancelledError:  # the caller went away or its deadline passed
+        servicer._counters.count_failure(method, "CANCELLED")
+        raise
+    except Exception as exc:  # every failure becomes a status code
+        await servicer._fail(method, context, exc)
+    finally:
+        servicer._counters.observe_latency(method, time.perf_counter() - started)
+
+
 def _rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary-response handler: auth, counting, error -> status mapping."""
     method = fn.__name__
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
-        started = time.perf_counter()
-        tenant = await self._begin(method, context)
-        try:
+        async with _accounted(self, method, context) as tenant:
             return await fn(self, _checked(request), context, tenant)
-        except grpc.aio.AbortError:
-            raise  # already counted where the abort was decided
-        except asyncio.CancelledError:  # the caller went away or its deadline passed
-            self._counters.count_failure(method, "CANCELLED")
-            raise
-        except Exception as exc:  # every failure becomes a status code
-            await self._fail(method, context, exc)
-        finally:
-            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 
@@ -89,20 +99,9 @@ def _rpc_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def handler(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext):
-        started = time.perf_counter()
-        tenant = await self._begin(method, context)
-        try:
+        async with _accounted(self, method, context) as tenant:
             async for message in fn(self, _checked(request), context, tenant):
                 yield message
-        except grpc.aio.AbortError:
-            raise  # already counted where the abort was decided
-        except asyncio.CancelledError:  # the caller went away or its deadline passed
-            self._counters.count_failure(method, "CANCELLED")
-            raise
-        except Exception as exc:
-            await self._fail(method, context, exc)
-        finally:
-            self._counters.observe_latency(method, time.perf_counter() - started)
 
     return handler
 

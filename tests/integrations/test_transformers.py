@@ -11,7 +11,6 @@ import torch
 
 from kvstore.errors import InvalidArgument
 from kvstore.integrations.transformers import generate, layout_for, prefill
-from kvstore.models.rope import rope_spec, rotate_keys
 from tests.conftest import make_config
 from tests.models import smollm2, tiny_llama
 
@@ -124,31 +123,6 @@ def test_prefill_reuses_stored_chunks_for_a_random_llama(daemon):
         _, logits, num_reused = prefill(model, ids, client)
     assert num_reused == 64
     torch.testing.assert_close(logits, _full_logits(model, ids), atol=1e-5, rtol=0)
-
-
-def test_rotate_keys_moves_cached_keys_to_the_positions_the_model_computes():
-    model = tiny_llama()
-    spec = rope_spec(model)
-    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        alone = model(input_ids=ids, use_cache=True).cache.layers[0].keys  # positions 0..23
-        shifted = model(input_ids=torch.cat((ids[:, :1], ids), 1), use_cache=True).cache
-    at_zero = rotate_keys(alone, spec, torch.arange(24), inverse=True)
-    moved = rotate_keys(at_zero, spec, torch.arange(1, 25))
-    # Layer 0 keys depend only on token and position: moved keys equal the model's own.
-    torch.testing.assert_close(moved, shifted.layers[0].keys[:, :, 1:], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize(
-    "rope",
-    [
-        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
-        {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-    ],
-)
-def test_rope_spec_rejects_length_dependent_or_partial_rope(rope):
-    with pytest.raises(InvalidArgument, match="rope|rotary"):
-        rope_spec(tiny_llama(rope))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

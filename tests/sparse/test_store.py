@@ -120,8 +120,10 @@ def test_bundle_over_the_message_limit_is_saved_in_parts_and_reloaded(smollm2, p
     model, ids = smollm2
     _, c, store, want = parted
     kind = sequence_kind(*_fingerprint_and_cfg(model))
-    manifest = PartManifest.from_bytes(c.get_blob(ids[:-1], kind))
+    fields = {"tokens_le_i32": np.asarray(ids[:-1], "<i4").tobytes()}
+    manifest = PartManifest.from_bytes(c._run(c._get_one_blob(fields, kind)))  # as stored
     assert manifest.num_parts == 3 and manifest.total_bytes > 2 * PARTED_LIMIT_BYTES
+    assert c.get_blob(ids[:-1], kind)[:4] == b"KVSB"  # get_blob joins the parts
     assert c.get_blob(ids[:-1], kind + "+blocks")[:4] == b"KVC1"  # 0.9 MB: stored whole
     saved, loaded = store.num_saved, store.num_loaded
     assert generate(model, ids, store, **OPTIONS) == want

@@ -6,7 +6,6 @@ import threading
 
 from kvstore.config import CpuTierConfig
 from kvstore.keys import ChunkKey
-from kvstore.tiers.base import Tier
 from kvstore.tiers.cpu import CpuTier
 from tests.fakes import make_key, make_object
 
@@ -17,27 +16,6 @@ def _tier(num_objects: int, evicted: list[ChunkKey] | None = None) -> CpuTier:
     config = CpuTierConfig(capacity_bytes=num_objects * OBJ_BYTES)
     on_evict = (lambda key, obj: evicted.append(key)) if evicted is not None else None
     return CpuTier(config, on_evict=on_evict)
-
-
-def test_tier_implements_protocol_when_built() -> None:
-    assert isinstance(_tier(1), Tier)
-    assert _tier(1).name == "cpu"
-
-
-def test_get_returns_put_object_when_present() -> None:
-    tier = _tier(4)
-    obj = make_object(seed=1)
-    assert tier.put(make_key(1), obj)
-    assert tier.get(make_key(1)) == obj
-    stats = tier.stats()
-    assert (stats.hits, stats.puts, stats.num_objects) == (1, 1, 1)
-    assert stats.used_bytes == stats.read_bytes == stats.written_bytes == OBJ_BYTES
-
-
-def test_get_returns_none_when_absent() -> None:
-    tier = _tier(4)
-    assert tier.get(make_key(1)) is None
-    assert tier.stats().misses == 1
 
 
 def test_eviction_follows_lru_order_when_full() -> None:
@@ -61,12 +39,6 @@ def test_on_evict_receives_evicted_object_when_evicting() -> None:
     tier.put(make_key(0), make_object(seed=0))
     tier.put(make_key(1), make_object(seed=1))
     assert seen == {make_key(0): make_object(seed=0)}
-
-
-def test_put_refused_when_object_exceeds_capacity() -> None:
-    tier = CpuTier(CpuTierConfig(capacity_bytes=OBJ_BYTES - 1))
-    assert not tier.put(make_key(0), make_object(seed=0))
-    assert tier.stats().num_objects == 0
 
 
 def test_used_bytes_within_capacity_when_many_puts() -> None:
@@ -106,15 +78,6 @@ def test_failing_on_evict_does_not_fail_put_when_evicting() -> None:
     tier.put(make_key(0), make_object(seed=0))
     assert tier.put(make_key(1), make_object(seed=1))
     assert tier.contains_many([make_key(0), make_key(1)]) == [False, True]
-
-
-def test_delete_removes_object_when_present() -> None:
-    tier = _tier(2)
-    tier.put(make_key(0), make_object(seed=0))
-    assert tier.delete(make_key(0))
-    assert not tier.delete(make_key(0))
-    assert tier.get(make_key(0)) is None
-    assert tier.stats().used_bytes == 0
 
 
 def test_peek_leaves_recency_when_reading() -> None:

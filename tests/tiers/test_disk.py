@@ -63,12 +63,6 @@ def test_object_file_named_by_key_when_put(tmp_path: Path) -> None:
     assert (tmp_path / hex_key[:2] / f"{hex_key}.kvc").read_bytes() == obj + pack_record(key, obj)
 
 
-def test_get_returns_none_when_absent(tmp_path: Path) -> None:
-    tier = _tier(tmp_path)
-    assert tier.get(make_key(1)) is None
-    assert tier.stats().misses == 1
-
-
 def test_eviction_follows_lru_order_when_full(tmp_path: Path) -> None:
     tier = _tier(tmp_path, num_objects=3)
     keys = [make_key(i) for i in range(6)]

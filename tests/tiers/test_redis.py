@@ -164,16 +164,6 @@ def test_keys_are_prefix_and_hex_when_written(redis_server: RedisProcess) -> Non
 
 
 @pytest.mark.redis
-def test_contains_many_and_delete_report_each_key(redis_server: RedisProcess) -> None:
-    tier = tier_for(redis_server.url)
-    keys = [make_key(i) for i in range(64)]
-    assert tier.put_many([(k, make_object(i)) for i, k in enumerate(keys[:40])]) == [True] * 40
-    assert tier.contains_many(keys) == [True] * 40 + [False] * 24
-    assert tier.delete(keys[0]) is True and tier.delete(keys[0]) is False
-    assert tier.contains_many(keys[:2]) == [False, True]
-
-
-@pytest.mark.redis
 def test_put_refused_when_larger_than_max_value_bytes(redis_server: RedisProcess) -> None:
     obj = make_object(3)
     tier = tier_for(redis_server.url, max_value_bytes=len(obj) - 1)

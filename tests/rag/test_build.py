@@ -1,4 +1,4 @@
-"""RAG chunk-cache reuse on a real daemon: exact at ratio 1, close to full prefill, beats naive."""
+"""kvstore.rag.build on a real daemon: exact at ratio 1, close to full prefill, beats naive."""
 
 from __future__ import annotations
 
@@ -220,32 +220,6 @@ def test_build_cache_equals_full_prefill_for_a_random_llama_at_ratio_one(daemon)
         )
     full = _full(model, [1, 2, 3] + sum(chunks, []) + query, [0])[-1]
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=0)
-
-
-@torch.inference_mode()
-def test_blend_probe_reads_equal_the_models_attention_of_the_query_over_the_context():
-    from kvstore.models.cache import kv_from_cache
-    from kvstore.rag import blend as _blend
-
-    model = tiny_llama()  # 4 query heads over 2 KV heads: checks the grouped-query mapping
-    model.set_attn_implementation("eager")  # eager returns its attention weights
-    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1))
-    num_ctx = 30
-    out = model(
-        input_ids=ids[None], use_cache=True, output_attentions=True, output_hidden_states=True
-    )
-    weights = out.attentions[1][0, :, num_ctx:, :num_ctx]  # layer 1: [heads, query, ctx]
-    want = (weights / weights.sum(-1, keepdim=True)).mean(dim=(0, 1))
-    # Exact context KV, so the probe sees what the full forward saw.
-    kv = kv_from_cache(out.cache, 0, len(ids), torch.float32)
-    kv[:, :, :, num_ctx:] = 0
-    cos_sin = model.model.rotary_emb(out.hidden_states[0], position_ids=torch.arange(40)[None])
-    query = torch.arange(num_ctx, len(ids))
-    _, reads = _blend._run_rows(
-        model, out.hidden_states[1][:, query], query, cos_sin, _blend._ScatterCache(kv), num_ctx
-    )
-    torch.testing.assert_close(reads, want, atol=1e-6, rtol=0)
-    assert reads.sum().item() == pytest.approx(1.0)
 
 
 def test_build_cache_rejects_model_with_unknown_rope_scaling(daemon):
