@@ -55,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the [engines] extra
 
 from kvstore.integrations.sglang import KVStoreHiCache  # noqa: E402 - after the engine import guard
 from tests.integrations._daemon import DaemonProcess  # noqa: E402 - after the engine import guard
-from tests.test_daemon_process import _free_port  # noqa: E402 - after the engine import guard
+from tests.redis_servers import free_port  # noqa: E402 - after the engine import guard
 
 LAYERS, HEADS, DIM, PAGE, DEVICE_TOKENS = 3, 2, 16, 8, 64
 
@@ -120,7 +120,7 @@ def canonical_pages(backend: KVStoreHiCache, slots: torch.Tensor) -> list[torch.
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    running = DaemonProcess(tmp_path_factory.mktemp("sglang-daemon"), _free_port())
+    running = DaemonProcess(tmp_path_factory.mktemp("sglang-daemon"), free_port())
     yield running
     running.stop()
 

@@ -36,7 +36,7 @@ from tests.integrations._vllm_engine import (
     expected_kv,
     make_connector,
 )
-from tests.test_daemon_process import _free_port
+from tests.redis_servers import free_port
 
 CHUNK = 32
 NAMESPACE = "tiny-llama@main"
@@ -56,7 +56,7 @@ def _prompt(num_tokens: int, seed: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    running = DaemonProcess(tmp_path_factory.mktemp("vllm-daemon"), _free_port())
+    running = DaemonProcess(tmp_path_factory.mktemp("vllm-daemon"), free_port())
     yield running
     running.stop()
 
