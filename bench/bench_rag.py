@@ -1,22 +1,29 @@
 """RAG chunk-cache reuse on SmolLM2-135M (CPU): TTFT, top-1 agreement and KL vs a full prefill.
 
-Each prompt is ``prefix + 4 retrieved chunks (256 tokens each, pydoc_data.topics
-passages) + question``. The reference is a full prefill of the prompt and 32
-greedy answer tokens from it. Every method first stores the chunks (untimed),
-then builds the cache from the store (timed: that is its TTFT) and is
-teacher-forced through the reference answer; at each of the 32 positions its
-top-1 next token is compared with the reference and KL(reference || method) is
-taken. Methods: ``kvstore.rag.build_cache`` at three recompute ratios for each
-``--leads`` variant (what a missing chunk is computed after: ``prefix``, the
-default, or ``none``, ``nl``, ``doc``, ``bos``, ``endoftext``; rows named
-``blend-lead-<lead>-<ratio>``, the default ``blend-<ratio>``) and the naive
-baseline (chunk caches concatenated, no rotation, no recompute). The full prefill
-is timed next to each method on the same prompt, so speedups are per-prompt
-ratios (median reported). One JSON line per method.
+Each prompt is ``prefix + N retrieved passages + question`` (``--chunks``,
+``--chunk-tokens``; prompt sets in ``_rag_prompts.py``: ``bench``, the set the
+methods were tuned on, ``held-out`` and ``stdlib``, never used for tuning). The
+reference is a full prefill of the prompt and its greedy answer (``--answer-tokens``).
+Every method first stores the chunks (untimed), then builds the cache from the store
+(timed: that is its TTFT) and is teacher-forced through the reference answer; at each
+position its top-1 next token is compared with the reference's, over all positions
+(the headline) and over the positions where the reference's top-1/top-2 margin is at
+least ``--margin`` logits (not near-ties), and KL(reference || method) is taken.
+
+Methods: ``build_cache`` at fixed recompute ratios (``--ratios``, rows
+``blend-<ratio>``), adaptive within a TTFT budget (``--min-speedups``, rows
+``adaptive-<min_speedup>``), for each ``--leads`` variant (what a missing chunk is
+computed after: ``prefix``, the default, or ``none``, ``nl``, ``doc``, ``bos``,
+``endoftext``) and each client ``--codecs`` (how chunks are stored: ``raw``, or a kvq
+level), and the naive baseline (chunk caches concatenated, no rotation, no recompute).
+The full prefill is timed next to each method on the same prompt, so speedups are
+per-prompt ratios (median reported). One JSON line per method.
 
     python bench/bench_rag.py                          # 8 prompts, ratios 0.05,0.15,0.30
     python bench/bench_rag.py --prompts 1 --chunk-tokens 64 --answer-tokens 4   # smoke
-    python bench/bench_rag.py --held-out               # prompts the selection was not tuned on
+    python bench/bench_rag.py --prompt-set stdlib      # prompts nothing was tuned on
+    python bench/bench_rag.py --ratios 0.15 --min-speedups 2.5,3,4   # adaptive vs fixed
+    python bench/bench_rag.py --codecs raw,high,balanced   # chunks stored compressed
     python bench/bench_rag.py --query-aware            # build_cache(query_aware=True)
     python bench/bench_rag.py --leads prefix,none      # chunk_lead variants in one run
 """
@@ -28,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +44,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import daemon, emit  # noqa: E402
+from _rag_prompts import PROMPT_SETS, make_prompts  # noqa: E402
 
 from kvstore import Client  # noqa: E402
 from kvstore._progress import track  # noqa: E402
 from kvstore.models.arch import layout_for  # noqa: E402
 from kvstore.models.smollm2 import load_smollm2  # noqa: E402
-from kvstore.rag import build_cache, build_cache_naive  # noqa: E402
+from kvstore.rag import budget, build_cache, build_cache_naive  # noqa: E402
 
-PREFIX = "You are a helpful assistant. Answer the question using the documentation below.\n\n"
-QUESTION = "\n\nQuestion: According to the documentation above, what is '{topic}' about?\nAnswer:"
-# --held-out: prompts the methods were not tuned on (other passages, offsets and wording).
-HELD_OUT_PREFIX = "Use the following reference material to answer.\n\n"
-HELD_OUT_QUESTION = "\n\nQ: Explain '{topic}' based on the text above.\nA:"
-HELD_OUT_OFFSET = 128  # tokens skipped at the start of each passage
 # --leads: what a missing chunk is computed after (build_cache's chunk_lead).
 LEADS = {
     "none": lambda tok, prompt: [],
@@ -60,36 +63,29 @@ LEADS = {
 }
 
 
-def make_prompts(
-    tokenizer: Any, num_prompts: int, num_chunks: int, chunk_tokens: int, held_out: bool = False
-) -> list[dict]:
-    """Prompts of distinct pydoc topics; each topic's first ``chunk_tokens`` tokens is one chunk.
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One way to build the cache."""
 
-    ``held_out`` takes tokens ``HELD_OUT_OFFSET..`` of each topic instead, topics in
-    reverse order, another prefix and question.
-    """
-    from pydoc_data.topics import topics
+    ratio: float | None  # fixed recompute ratio; None: adaptive, or naive
+    min_speedup: float | None  # adaptive's TTFT budget; None: fixed ratio, or naive
+    lead: str = "prefix"  # a LEADS name
+    codec: str = "raw"  # the client's codec: how chunks are stored
 
-    offset = HELD_OUT_OFFSET if held_out else 0
-    passages = []
-    for name in sorted(topics, reverse=held_out):
-        ids = tokenizer(topics[name])["input_ids"]
-        if len(ids) >= offset + chunk_tokens:
-            passages.append((name, ids[offset : offset + chunk_tokens]))
-    step = max(1, len(passages) // (num_prompts * num_chunks))
-    prefix = tokenizer(HELD_OUT_PREFIX if held_out else PREFIX)["input_ids"]
-    question = HELD_OUT_QUESTION if held_out else QUESTION
-    shift = 3 if held_out else 0  # held-out: other passages, and ask about another chunk
-    prompts = []
-    for p in range(num_prompts):
-        picked = [
-            passages[((p * num_chunks + c) * step + shift) % len(passages)]
-            for c in range(num_chunks)
-        ]
-        topic = picked[(p + held_out) % num_chunks][0]
-        query = tokenizer(question.format(topic=topic))["input_ids"]
-        prompts.append({"prefix": prefix, "chunks": [ids for _, ids in picked], "query": query})
-    return prompts
+    @property
+    def is_naive(self) -> bool:
+        return self.ratio is None and self.min_speedup is None
+
+    @property
+    def name(self) -> str:
+        if self.is_naive:
+            return "naive-concat"
+        base = (
+            f"blend-{self.ratio:g}" if self.ratio is not None else f"adaptive-{self.min_speedup:g}"
+        )
+        lead = "" if self.lead == "prefix" else f"-lead-{self.lead}"
+        codec = "" if self.codec == "raw" else f"-{self.codec}"
+        return base + lead + codec
 
 
 def _timed(fn) -> tuple[Any, tuple[float, float]]:
@@ -130,22 +126,18 @@ def _full_prefill(model: Any, prompt: dict) -> None:
 
 
 def run_method(
-    model: Any,
-    client: Client,
-    prompt: dict,
-    ratio: float | None,
-    query_aware: bool = False,
-    lead: list[int] | None = None,
+    model: Any, client: Client, prompt: dict, method: Method, lead: Any, query_aware: bool
 ) -> tuple:
-    """(cache, logits, (ttft wall s, ttft CPU s), stats) of one method; ``ratio=None``: naive."""
+    """(cache, logits, (ttft wall s, ttft CPU s), stats or None) of one method."""
     args = (model, client, prompt["chunks"], prompt["query"])
-    if ratio is None:
+    if method.is_naive:
         build_cache_naive(*args, prefix=prompt["prefix"])  # stores the chunks, untimed
         (cache, logits), ttft = _timed(lambda: build_cache_naive(*args, prefix=prompt["prefix"]))
         return cache, logits, ttft, None
     kwargs = {
         "prefix": prompt["prefix"],
-        "recompute_ratio": ratio,
+        "recompute_ratio": method.ratio,
+        "min_speedup": method.min_speedup or budget.DEFAULT_MIN_SPEEDUP,
         "query_aware": query_aware,
         "chunk_lead": lead,
     }
@@ -154,11 +146,26 @@ def run_method(
     return cache, logits, ttft, stats
 
 
-def summarize(name: str, results: list[dict], extra: dict) -> None:
+def summarize(method: Method, results: list[dict], extra: dict) -> None:
     agree = [a for r in results for a in r["agree"]]
+    confident = [
+        a
+        for r in results
+        for a, m in zip(r["agree"], r["margin"], strict=True)
+        if m >= extra["margin"]
+    ]
+    stats = [r["stats"] for r in results if r["stats"] is not None]
+    chosen = {}
+    if stats:
+        chosen = {
+            "recompute_ratio": statistics.fmean(s.recompute_ratio for s in stats),
+            "recompute_ratios": [round(s.recompute_ratio, 4) for s in stats],
+            "max_recompute_ratio": statistics.fmean(s.max_recompute_ratio for s in stats),
+            "predicted_speedup": statistics.median(s.predicted_speedup for s in stats),
+        }
     emit(
         "rag",
-        name,
+        method.name,
         ttft_s=statistics.median(r["ttft_s"][0] for r in results),
         full_prefill_s=statistics.median(r["full_s"][0] for r in results),
         speedup=statistics.median(r["full_s"][0] / r["ttft_s"][0] for r in results),
@@ -166,25 +173,34 @@ def summarize(name: str, results: list[dict], extra: dict) -> None:
         cpu_speedup=statistics.median(r["full_s"][1] / r["ttft_s"][1] for r in results),
         top1_agreement=sum(agree) / len(agree),
         num_positions=len(agree),
+        # Positions where the full prefill's top-1 leads its top-2 by >= margin logits.
+        top1_agreement_confident=sum(confident) / max(1, len(confident)),
+        num_confident_positions=len(confident),
         mean_kl=statistics.fmean(r["kl"] for r in results),
+        min_speedup=method.min_speedup,
+        fixed_ratio=method.ratio,
+        chunk_lead=method.lead,
+        codec=method.codec,
         torch_threads=torch.get_num_threads(),
+        **chosen,
         **extra,
     )
 
 
 def evaluate(
-    model: Any, tokenizer: Any, client: Client, prompt: dict, methods: list, args: Any
+    model: Any, tokenizer: Any, clients: dict, prompt: dict, methods: list, args: Any
 ) -> dict:
-    """Per method ``(lead name, ratio)``: TTFT, the full prefill timed next to it, KL and
-    top-1 agreement on one prompt."""
+    """Per method: TTFT, the full prefill timed next to it, KL and top-1 agreement on one
+    prompt, with the reference's top-1/top-2 margin at each position."""
     answer, ref = reference(model, prompt, args.answer_tokens)
+    top2 = ref.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).tolist()
     rows = {}
     for method in methods:
-        lead_name, ratio = method
-        lead = LEADS[lead_name](tokenizer, prompt)
+        lead = LEADS[method.lead](tokenizer, prompt)
         _, full_s = _timed(lambda: _full_prefill(model, prompt))
         cache, logits, ttft, stats = run_method(
-            model, client, prompt, ratio, args.query_aware, lead
+            model, clients[method.codec], prompt, method, lead, args.query_aware
         )
         got = _continue(model, cache, logits, answer)
         kl = F.kl_div(
@@ -194,20 +210,51 @@ def evaluate(
             reduction="batchmean",
         ).item()
         agree = (got.argmax(-1) == ref.argmax(-1)).tolist()
-        rows[method] = {"ttft_s": ttft, "full_s": full_s, "kl": kl, "stats": stats, "agree": agree}
+        rows[method] = {
+            "ttft_s": ttft,
+            "full_s": full_s,
+            "kl": kl,
+            "stats": stats,
+            "agree": agree,
+            "margin": margin,
+        }
     return rows
+
+
+def _methods(args: Any, parser: argparse.ArgumentParser) -> list[Method]:
+    leads = args.leads.split(",")
+    if unknown := set(leads) - set(LEADS):
+        parser.error(f"unknown --leads {sorted(unknown)}; choose from {sorted(LEADS)}")
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    speedups = [float(r) for r in args.min_speedups.split(",") if r]
+    methods = [
+        Method(ratio, speedup, lead, codec)
+        for codec in args.codecs.split(",")
+        for lead in leads
+        for ratio, speedup in [(r, None) for r in ratios] + [(None, m) for m in speedups]
+    ]
+    return methods + [Method(None, None, "none")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-set", default="bench", choices=PROMPT_SETS)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--answer-tokens", type=int, default=32)
-    parser.add_argument("--ratios", default="0.05,0.15,0.30")
+    parser.add_argument("--ratios", default="0.05,0.15,0.30", help="fixed ratios ('' for none)")
+    parser.add_argument("--min-speedups", default="", help="adaptive budgets, e.g. 2.5,3,4")
+    parser.add_argument("--codecs", default="raw", help="client codecs: raw or kvq levels")
+    parser.add_argument("--margin", type=float, default=1.0, help="logits; see the docstring")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="override kvstore.rag.budget.DEVIATION_THRESHOLD (tune on --prompt-set bench only)",
+    )
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch default")
-    parser.add_argument("--held-out", action="store_true", help="prompts not used for tuning")
     parser.add_argument("--query-aware", action="store_true", help="build_cache(query_aware=True)")
     parser.add_argument(
         "--leads", default="prefix", help=f"comma-separated chunk_lead variants of {sorted(LEADS)}"
@@ -216,53 +263,42 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.threshold is not None:
+        budget.DEVIATION_THRESHOLD = args.threshold
+    methods = _methods(args, parser)
     model, tokenizer = load_smollm2()
-    prompts = make_prompts(tokenizer, args.prompts, args.chunks, args.chunk_tokens, args.held_out)
-    ratios = [float(r) for r in args.ratios.split(",")]
-    leads = args.leads.split(",")
-    if unknown := set(leads) - set(LEADS):
-        parser.error(f"unknown --leads {sorted(unknown)}; choose from {sorted(LEADS)}")
-    methods = [(lead, r) for lead in leads for r in ratios] + [("none", None)]
-    results: dict[tuple, list[dict]] = {m: [] for m in methods}
+    prompts = make_prompts(tokenizer, args.prompt_set, args.prompts, args.chunks, args.chunk_tokens)
+    results: dict[Method, list[dict]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp, daemon(Path(tmp) / "data") as address:
-        with Client(
-            address, "bench-rag", layout_for(model, args.dtype, 256), timeout_s=120
-        ) as client:
+        layout = layout_for(model, args.dtype, 256)
+        codecs = sorted({m.codec for m in methods})
+        clients = {
+            c: Client(address, f"bench-rag-{c}", layout, timeout_s=300, codec=c) for c in codecs
+        }
+        try:
             for prompt in track(prompts, "bench_rag: prompts"):
-                rows = evaluate(model, tokenizer, client, prompt, methods, args)
+                rows = evaluate(model, tokenizer, clients, prompt, methods, args)
                 for method, row in rows.items():
                     results[method].append(row)
+        finally:
+            for client in clients.values():
+                client.close()
     shape = {
         "prompts": args.prompts,
+        "prompt_set": args.prompt_set,
         "chunks": args.chunks,
         "chunk_tokens": args.chunk_tokens,
         "answer_tokens": args.answer_tokens,
+        "margin": args.margin,
+        "deviation_threshold": budget.DEVIATION_THRESHOLD,
+        "query_aware": args.query_aware,
         "dtype": args.dtype,
-        "held_out": args.held_out,
         "prompt_tokens": len(prompts[0]["prefix"])
         + args.chunks * args.chunk_tokens
         + len(prompts[0]["query"]),
     }
-    for lead, ratio in methods:
-        rs = results[(lead, ratio)]
-        if ratio is None:
-            summarize("naive-concat", rs, {"recompute_ratio": None, **shape})
-            continue
-        last = rs[-1]["stats"]
-        qa = "-query-aware" if args.query_aware else ""
-        summarize(
-            f"blend{qa}{'' if lead == 'prefix' else '-lead-' + lead}-{ratio:g}",
-            rs,
-            {
-                "recompute_ratio": ratio,
-                "query_aware": args.query_aware,
-                "chunk_lead": lead,
-                "num_reused": last.num_reused,
-                "num_recomputed": last.num_recomputed,
-                "num_prefilled": last.num_prefilled,
-                **shape,
-            },
-        )
+    for method in methods:
+        summarize(method, results[method], shape)
     return 0
 
 

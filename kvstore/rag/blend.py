@@ -10,8 +10,10 @@ attention the reused KV lacks and prefills the query in the same pass:
 2. **Selection at layer 1.** Layer-1 K and V of every candidate are computed
    from the layer-0 outputs (norm + projections + RoPE only, no attention or MLP)
    and compared with the reused layer-1 KV (squared error, K and V each
-   normalised by their mean square), as in CacheBlend: the ``num_select`` tokens
-   that deviate most are recomputed, the rest keep their reused KV.
+   normalised by their mean square), as in CacheBlend: the tokens that deviate
+   most are recomputed, the rest keep their reused KV. How many is a
+   :class:`~kvstore.rag.budget.Recompute`: a fixed count, or (adaptive) those whose
+   deviation exceeds a threshold, clipped to a floor and to the TTFT budget.
 3. **Query-aware selection** (``query_aware=True``). First a probe: the forced
    rows (below) and the query run through the first third of the layers against
    the reused KV, accumulating the query rows' attention over the context
@@ -59,6 +61,7 @@ import torch
 
 from kvstore.models.cache import cache_from_kv
 from kvstore.models.llama import layer_kv, layer_queries
+from kvstore.rag.budget import Recompute
 
 
 class _ScatterCache:
@@ -156,18 +159,23 @@ def _select(
     hidden: torch.Tensor,
     cache_kv: torch.Tensor,
     idx: torch.Tensor,
-    num_select: int,
+    recompute: Recompute,
     cos_sin: tuple[torch.Tensor, torch.Tensor],
     reads: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Positions (sorted) of the ``num_select`` candidates ``idx`` to recompute (0 < n < len).
+    """Positions (sorted) of the candidates ``idx`` to recompute.
 
-    Those whose layer-1 KV deviates most; with ``reads`` (the query's attention to each
-    context token) only half of them, the other half those with the most deviation x reads.
+    Those whose layer-1 KV deviates most, as many as ``recompute`` counts; with
+    ``reads`` (the query's attention to each context token) only half of them, the
+    other half those with the most deviation x reads.
     """
     cos, sin = (t[:, idx] for t in cos_sin)
     fresh = layer_kv(model.model.layers[1], hidden[:, idx], cos, sin)
     dev = _deviation(fresh, cache_kv[1][:, :, idx])
+    num_deviating = 0 if recompute.threshold is None else int((dev > recompute.threshold).sum())
+    num_select = min(recompute.count(num_deviating), idx.numel())
+    if num_select in (0, idx.numel()):
+        return idx[:num_select]
     num_dev = num_select if reads is None else num_select - num_select // 2
     by_dev = dev.topk(num_dev).indices
     if reads is None:
@@ -185,7 +193,7 @@ def blend(
     kv: torch.Tensor,
     candidates: torch.Tensor,
     forced: torch.Tensor,
-    num_select: int,
+    recompute: Recompute,
     query_aware: bool = False,
 ) -> tuple[Any, torch.Tensor, int]:
     """Selective recompute of reused context KV, with the query prefilled on top.
@@ -199,7 +207,7 @@ def blend(
         candidates: ``[ctx]`` bool, tokens that may be recomputed (others are exact or forced).
         forced: ``[ctx]`` bool, context tokens without stored KV: computed like the query
             (their ``kv`` entries are zero placeholders, overwritten before any use).
-        num_select: how many candidates to recompute on layers 1..L-1.
+        recompute: how many candidates to recompute on layers 1..L-1.
         query_aware: probe what the query reads and give it half of the selection.
 
     Returns:
@@ -228,7 +236,8 @@ def blend(
     idx = candidates.nonzero().flatten()
     query = torch.arange(num_ctx, num_tokens)
     forced_rows = forced.nonzero().flatten()
-    if 0 < num_select < idx.numel():
+    fixed = recompute.threshold is None
+    if not fixed or 0 < recompute.max_rows < idx.numel():
         reads = None
         if query_aware:
             # Probe against the reused KV (it writes only forced and query rows, which
@@ -238,9 +247,9 @@ def blend(
             _, reads = _run_rows(
                 model, hidden[:, probe], probe, cos_sin, cache, num_ctx, num_layers
             )
-        selected = _select(model, hidden, kv, idx, num_select, cos_sin, reads)
+        selected = _select(model, hidden, kv, idx, recompute, cos_sin, reads)
     else:
-        selected = idx[: max(num_select, 0)]
+        selected = idx[: max(recompute.max_rows, 0)]
     rows = torch.cat((torch.cat((selected, forced_rows)).sort().values, query))
     hidden, _ = _run_rows(model, hidden[:, rows], rows, cos_sin, cache)
     logits = model.lm_head(inner.norm(hidden[:, -1:]))[0, -1].float()

@@ -19,13 +19,14 @@ The prompt is ``prefix + chunk_1 + ... + chunk_n + query``.
   At use, keys are rotated to the
   chunk's real positions with the model's RoPE (``kvstore.models.rope``;
   unknown or length-dependent rope types raise InvalidArgument).
-- **Blend**: a stored chunk never attended to the chunks before it. The
-  ``recompute_ratio`` share of chunk tokens is recomputed on every layer with the
-  real model, in the same per-layer pass that prefills the query
-  (``kvstore.rag.blend``): those whose layer-1 KV deviates most
-  from a fresh computation (with ``query_aware``: half of them, half the stale
-  tokens the query reads most, from a short probe of the query against the
-  reused KV). ``recompute_ratio=1.0`` is a full prefill; ``0.0`` keeps every
+- **Blend**: a stored chunk never attended to the chunks before it. Some chunk
+  tokens are recomputed on every layer with the real model, in the same per-layer
+  pass that prefills the query (``kvstore.rag.blend``): those whose layer-1 KV
+  deviates most from a fresh computation; how many is adaptive by default (those
+  deviating past a threshold, within the caller's ``min_speedup`` TTFT budget,
+  ``kvstore.rag.budget``) or a fixed ``recompute_ratio`` (with ``query_aware``:
+  half of them, half the stale tokens the query reads most, from a short probe of
+  the query against the reused KV). ``recompute_ratio=1.0`` is a full prefill; ``0.0`` keeps every
   reused entry.
 
 Stored KV uses the client layout's dtype (float16 recommended, see
@@ -53,6 +54,7 @@ from kvstore.models.cache import cache_from_kv, kv_from_cache
 from kvstore.models.dtypes import TORCH_DTYPES
 from kvstore.models.rope import RopeSpec, rope_spec, rotate_keys
 from kvstore.rag.blend import blend
+from kvstore.rag.budget import COST, DEFAULT_MIN_SPEEDUP, plan_recompute
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class RagStats:
     num_prefilled: int  # tokens run through the model as a plain prefill (query, prefix misses)
     num_chunks_hit: int  # chunks found in the store
     num_chunks_encoded: int  # chunks missing from the store: computed alone and stored
+    recompute_ratio: float  # num_recomputed / num_chunk_tokens, as chosen for this prompt
+    max_recompute_ratio: float  # the most the budget (or the fixed ratio) allowed
+    predicted_speedup: float  # over a full prefill, by kvstore.rag.budget.COST (hits only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,7 @@ class _Context:
 
 
 def _check_inputs(
-    model: Any, client: Any, chunks: Any, query: Any, ratio: float, lead: list[int]
+    model: Any, client: Any, chunks: Any, query: Any, ratio: float | None, lead: list[int]
 ) -> None:
     check_layout(model, client.layout)
     impl = getattr(model.config, "_attn_implementation", None)
@@ -105,7 +110,7 @@ def _check_inputs(
             )
     if len(query) == 0:
         raise InvalidArgument("query is empty; the next-token logits need at least one token")
-    if not 0.0 <= ratio <= 1.0:
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
         raise InvalidArgument(f"recompute_ratio must be in [0, 1], got {ratio}")
 
 
@@ -175,7 +180,11 @@ def _chunk_kv(client: Any, encoder: _ChunkEncoder, chunk: list[int]) -> tuple[to
     if tag:
         kv = torch.cat((kv.new_zeros(client.layout.shape(len(tag))), kv), dim=3)
     client.put_chunk(tag + chunk, kv)
-    # Use what the store holds, so a hit and a miss give the same cache.
+    # Use what the store holds (a lossy client codec changes it), so a hit and a miss
+    # give the same cache; one more get per miss, next to the miss's forward pass.
+    stored = client.get_chunk(tag + chunk)
+    if stored is not None:
+        kv = torch.as_tensor(stored)
     return kv[:, :, :, len(tag) :].to(model_dtype), False
 
 
@@ -241,20 +250,27 @@ def build_cache(
     chunks: Sequence[Sequence[int]],
     query: Sequence[int] | torch.Tensor,
     prefix: Sequence[int] | torch.Tensor | None = None,
-    recompute_ratio: float = 0.15,
+    recompute_ratio: float | None = None,
     query_aware: bool = False,
     chunk_lead: Sequence[int] | torch.Tensor | None = None,
+    min_speedup: float = DEFAULT_MIN_SPEEDUP,
     progress: bool = True,
 ) -> tuple[Any, torch.Tensor, RagStats]:
     """A ready cache for ``prefix + chunks + query`` built from stored chunk KV.
 
     Args:
         model: a Llama-style transformers causal LM (sdpa or eager attention).
-        client: a connected ``kvstore.Client`` whose layout matches the model.
+        client: a connected ``kvstore.Client`` whose layout matches the model. Its
+            ``codec`` is how missing chunks are stored: a kvq level ("high",
+            "balanced") stores them compressed, and every chunk (hit or miss) is
+            then used as the store returns it.
         chunks: retrieved passages, each a list of token ids (any length >= 1).
         query: the question's token ids (>= 1 token); prefilled on top.
         prefix: optional leading tokens (system prompt), reused by prefix chain.
-        recompute_ratio: share of chunk tokens recomputed with the real model.
+        recompute_ratio: None (default): adaptive, the chunk tokens whose layer-1 KV
+            deviates (the passages interact there), at least 5% and at most what
+            ``min_speedup`` allows (kvstore.rag.budget). A float: exactly that share
+            of chunk tokens, whatever it costs (``min_speedup`` does not apply).
         query_aware: give half of the recompute to stale tokens the query reads most
             (a short probe first, ~2.5% of a full prefill on SmolLM2; lowered the KL
             for chunks computed alone, raised it with the prefix as lead; see
@@ -265,6 +281,9 @@ def build_cache(
             entries shared by every prefix. Entries of different leads never mix.
         progress: with 8 passages or more, draw a bar of the passages loaded or
             encoded on stderr when it is a terminal.
+        min_speedup: the TTFT budget of the adaptive ratio: the least speedup over a
+            full prefill of the prompt, as predicted by the blend's cost model when
+            every chunk hits (``>= 1``; default 3.0). Misses cost a forward pass each.
 
     Returns:
         ``(cache, logits, stats)``: a DynamicCache of the whole prompt, the
@@ -280,18 +299,23 @@ def build_cache(
     prefix_ids = [] if prefix is None else as_token_list(prefix)
     lead = prefix_ids if chunk_lead is None else as_token_list(chunk_lead)
     _check_inputs(model, client, chunk_ids, query_ids, recompute_ratio, lead)
+    num_chunk_tokens = sum(len(c) for c in chunk_ids)
+    num_tokens = len(prefix_ids) + num_chunk_tokens + len(query_ids)
+    num_layers = model.config.num_hidden_layers
     ctx = _load_context(model, client, prefix_ids, chunk_ids, spec, lead, room=len(query_ids),
                         progress=progress)
-    num_chunk_tokens = sum(len(c) for c in chunk_ids)
     num_prefix = len(prefix_ids)
+    num_fixed_rows = len(query_ids) + num_prefix - ctx.num_prefix_stored
+    recompute = plan_recompute(
+        num_tokens, num_chunk_tokens, num_fixed_rows, num_layers, recompute_ratio, min_speedup
+    )
     candidates = torch.zeros(num_prefix + num_chunk_tokens, dtype=torch.bool)
     candidates[num_prefix:] = True
     forced = torch.zeros_like(candidates)
     forced[ctx.num_prefix_stored : num_prefix] = True
-    num_select = round(recompute_ratio * num_chunk_tokens)
     ids = prefix_ids + [t for c in chunk_ids for t in c] + query_ids
     cache, logits, num_recomputed = blend(
-        model, ids, ctx.kv, candidates, forced, num_select, query_aware
+        model, ids, ctx.kv, candidates, forced, recompute, query_aware
     )
     if num_prefix:
         store_new_chunks(client, prefix_ids, cache, ctx.num_prefix_stored)
@@ -301,9 +325,14 @@ def build_cache(
         num_query_tokens=len(query_ids),
         num_reused=ctx.num_prefix_stored + num_chunk_tokens - num_recomputed,
         num_recomputed=num_recomputed,
-        num_prefilled=len(query_ids) + num_prefix - ctx.num_prefix_stored,
+        num_prefilled=num_fixed_rows,
         num_chunks_hit=ctx.num_chunks_hit,
         num_chunks_encoded=len(chunk_ids) - ctx.num_chunks_hit,
+        recompute_ratio=num_recomputed / num_chunk_tokens,
+        max_recompute_ratio=recompute.max_rows / num_chunk_tokens,
+        predicted_speedup=COST.predicted_speedup(
+            num_tokens, num_recomputed + num_fixed_rows, num_layers
+        ),
     )
     log.debug("build_cache: %s", stats)
     return cache, logits, stats

@@ -34,7 +34,8 @@ WITH_MODEL = {
     "bench_ttft.py": ["--sizes", "256", "--repeat", "1", "--chunk-tokens", "128", "--no-plot",
                       "--codecs", "raw,balanced"],
     "bench_rag.py": ["--prompts", "1", "--chunks", "2", "--chunk-tokens", "64",
-                     "--answer-tokens", "4", "--ratios", "0.15"],
+                     "--answer-tokens", "4", "--ratios", "0.15", "--min-speedups", "3",
+                     "--codecs", "raw,balanced"],
     "bench_sparse.py": ["--smoke"],
 }
 

@@ -183,7 +183,7 @@ def test_build_cache_counts_reused_recomputed_and_prefilled_tokens(daemon):
     prefix = sample_tokens(tokenizer, 70, offset=500)  # one full 64-token chunk + 6
     num_chunk_tokens = sum(len(c) for c in chunks)
     with _client(daemon, model) as client:
-        _, _, cold = build_cache(model, client, chunks, query, prefix=prefix)
+        _, _, cold = build_cache(model, client, chunks, query, prefix, recompute_ratio=0.15)
         assert all(client.lookup_chunk(stored_chunk_tokens(c, prefix)) for c in chunks)
         assert not any(client.lookup_chunk(c) for c in chunks)  # computed after the prefix
         assert client.lookup(prefix) == 64  # the prefix's full chunk was stored

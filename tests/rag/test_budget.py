@@ -1,0 +1,46 @@
+"""The blend's TTFT budget: cost model, the rows it allows, the adaptive count."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.errors import InvalidArgument
+from kvstore.rag.budget import COST, MIN_RATIO, plan_recompute
+
+
+@pytest.mark.parametrize("min_speedup", [1.5, 2.0, 3.0, 4.0, 6.0])
+@pytest.mark.parametrize("num_tokens", [300, 1059, 8000])
+def test_max_rows_is_the_most_rows_within_the_predicted_speedup(num_tokens, min_speedup):
+    rows = COST.max_rows(num_tokens, 30, min_speedup)
+    assert COST.predicted_speedup(num_tokens, rows, 30) >= min_speedup
+    assert COST.predicted_speedup(num_tokens, rows + 1, 30) < min_speedup
+
+
+def test_max_rows_is_zero_when_even_no_recompute_misses_the_budget():
+    assert COST.max_rows(1000, 30, 1 / COST.fixed_share + 0.1) == 0
+
+
+def test_plan_recompute_keeps_query_and_prefix_rows_inside_the_budget():
+    plan = plan_recompute(1059, 1024, 35, 30, None, 3.0)
+    assert COST.predicted_speedup(1059, plan.max_rows + 35, 30) >= 3.0
+    assert COST.predicted_speedup(1059, plan.max_rows + 36, 30) < 3.0
+    tighter = plan_recompute(1059, 1024, 35, 30, None, 4.0)
+    assert 0 < tighter.max_rows < plan.max_rows
+
+
+def test_adaptive_count_follows_deviation_between_floor_and_budget():
+    plan = plan_recompute(1059, 1024, 35, 30, None, 3.0)
+    assert plan.min_rows == round(MIN_RATIO * 1024)
+    assert plan.count(0) == plan.min_rows
+    assert plan.count(plan.min_rows + 10) == plan.min_rows + 10
+    assert plan.count(1024) == plan.max_rows
+
+
+def test_fixed_ratio_ignores_the_budget():
+    plan = plan_recompute(1059, 1024, 35, 30, 0.5, 3.0)
+    assert plan.threshold is None and plan.count(0) == plan.count(1024) == 512
+
+
+def test_min_speedup_below_one_is_refused():
+    with pytest.raises(InvalidArgument, match="min_speedup"):
+        plan_recompute(100, 80, 5, 30, None, 0.5)
