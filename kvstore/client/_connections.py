@@ -36,7 +36,13 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         raise InvalidArgument(f"max_message_bytes must be >= {2 * proto.PART_HEADROOM_BYTES}, "
                               f"got {max_message_bytes}")
     return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # After a lost connection gRPC fails calls at once until its next reconnect
+            # attempt, backing off from 1 s up to 120 s by default: a daemon restarted in a
+            # few seconds stayed unreachable for as long. Retry every 0.1-1 s instead.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def read_pem(path: str | None, what: str) -> bytes | None:

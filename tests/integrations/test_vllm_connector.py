@@ -192,12 +192,22 @@ def test_daemon_lost_mid_load_reports_block_errors_and_request_recomputes(daemon
     assert got.load_errors == sorted(got.block_ids[:96 // BLOCK_SIZE])  # the blocks to load
     assert got.num_steps == 2  # vLLM rewound to block 0 and recomputed in place
     np.testing.assert_array_equal(engine.read(f"b{seed}", 0, 116), expected_kv(f"b{seed}", 116))
-    # The same connector works again once the daemon is back: a hit if the disk tier had
-    # flushed the chunks before the kill, else a miss; never an error or wrong bytes.
-    again = engine.prefill(f"c{seed}", prompt[:96] + [1, 2, 3])
-    assert again.load_errors == [] and again.num_external in (0, 96)
-    source = f"a{seed}" if again.num_external else f"c{seed}"
-    np.testing.assert_array_equal(engine.read(f"c{seed}", 0, 96), expected_kv(source, 96))
+    # The same connector works again once the daemon is back: a hit of the chunks the
+    # disk tier had flushed before the kill (write-back: any leading run), else a miss.
+    # Its worker's channel may still be reconnecting for the first request after the
+    # restart (that load fails and is recomputed); within a few seconds a load succeeds.
+    for attempt in range(10):
+        req = f"c{seed}-{attempt}"
+        again = engine.prefill(req, prompt[:96] + [1, 2, 3])
+        got = engine.read(req, 0, 96)
+        hit = 0 if again.load_errors else again.num_external
+        assert hit in (0, 32, 64, 96)  # never wrong bytes, whatever happened
+        np.testing.assert_array_equal(got[:, :, :, :hit], expected_kv(f"a{seed}", hit))
+        np.testing.assert_array_equal(got[:, :, :, hit:], expected_kv(req, 96)[:, :, :, hit:])
+        if not again.load_errors:
+            break
+        time.sleep(0.5)
+    assert again.load_errors == [], "the connector did not recover after the daemon restart"
 
 
 def test_failure_policy_fail_ends_the_request_instead(daemon, engine):
