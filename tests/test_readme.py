@@ -149,7 +149,7 @@ def test_deploy_says_how_to_build_the_image_it_runs() -> None:
     assert "dockerfile: deploy/Dockerfile" in (deploy / "docker-compose.yml").read_text()
     manifests = [p for p in sorted((deploy / "k8s").glob("*.yaml"))
                  if "image: kvstore:latest" in p.read_text()]
-    assert len(manifests) == 2  # the DaemonSet and the sidecar
+    assert len(manifests) == 3  # the DaemonSet, the sidecar and the vLLM pod
     for manifest in manifests:
         # :latest is pulled by default, and this image is built locally, not published.
         assert "imagePullPolicy: IfNotPresent" in manifest.read_text(), manifest.name
