@@ -22,7 +22,6 @@ import secrets
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,13 +37,13 @@ from kvstore.arena_file import (
     ArenaIdentity,
     ArenaReader,
     Extent,
-    FreeList,
     Placement,
     create_file,
     prefault,
     remove_stale_files,
     round_up,
 )
+from kvstore.arena_slots import LeaseId, Slot, SlotTable, aligned
 from kvstore.errors import InvalidArgument, NotFound
 from kvstore.keys import ChunkKey
 
@@ -52,22 +51,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ALIGN", "Arena", "ArenaIdentity", "ArenaReader", "Extent", "LeaseId", "Placement"]
 
-LeaseId = int
 EvictCallback = Callable[[ChunkKey, bytes], None]
-
-
-@dataclass(slots=True)
-class _Slot:
-    offset: int  # byte offset in the arena file
-    length: int  # object bytes (the allocation is length rounded up to ALIGN)
-    leases: int = 0  # live leases (and in-flight copies) covering this slot
-    deleted: bool = False  # removed from the index; freed when leases reach 0
-
-
-@dataclass(slots=True)
-class _Lease:
-    slots: list[_Slot]
-    expires_at: float  # time.monotonic() deadline
 
 
 @dataclass(slots=True)
@@ -78,9 +62,7 @@ class _Reservation:
     expires_at: float  # time.monotonic() deadline; ignored once committing
     tag: Any  # the reserver's record (the daemon keeps the chunk keys there)
     is_committing: bool = False  # claimed by a commit: no longer expires
-    adopted: dict[int, _Slot] = field(default_factory=dict)  # extent index -> indexed slot
-
-
+    adopted: dict[int, Slot] = field(default_factory=dict)  # extent index -> indexed slot
 
 
 def _unlink_quietly(path: str) -> None:
@@ -88,10 +70,6 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _aligned(n: int) -> int:
-    return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
 
 
 class Arena:
@@ -129,15 +107,24 @@ class Arena:
         self.prefaulted = threading.Event()
         threading.Thread(target=self._prefault, name="kvstore-arena-prefault",
                          daemon=True).start()
-        self._free = FreeList(self.capacity_bytes, HEADER_BYTES)
-        self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
-        self._evicting: dict[ChunkKey, bytes] = {}  # evicted, on_evict still running
-        self._leases: dict[LeaseId, _Lease] = {}
+        # The LRU index, free list and leases; bytes live in the file (self._view).
+        self._slots = SlotTable(self.capacity_bytes, HEADER_BYTES, self._copy_out,
+                                log=log, name="arena", lease_noun="lease")
         self._reservations: dict[LeaseId, _Reservation] = {}  # same id space as leases
         self._lock = threading.Lock()
         self._closed = False
-        self.used_bytes = 0  # bytes of live objects (unaligned)
-        self.evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of live objects (unaligned)."""
+        return self._slots.used_bytes
+
+    @property
+    def evictions(self) -> int:
+        return self._slots.evictions
+
+    def _copy_out(self, slot: Slot) -> bytes:
+        return bytes(self._view[slot.offset : slot.offset + slot.length])
 
     def _prefault(self) -> None:
         try:
@@ -160,12 +147,11 @@ class Arena:
         evicted: list[tuple[ChunkKey, bytes]] = []
         with self._lock:
             self._check_open()
-            if key in self._index:
-                self._index.move_to_end(key)
+            if self._slots.touch(key):
                 return True
-            if _aligned(size) > self.capacity_bytes:
+            if aligned(size) > self.capacity_bytes:
                 return False
-            offset = self._allocate(_aligned(size), evicted)
+            offset = self._allocate(aligned(size), evicted)
         try:
             if offset is not None:
                 self._view[offset : offset + size] = data
@@ -176,12 +162,7 @@ class Arena:
 
     def _insert(self, key: ChunkKey, offset: int, size: int) -> None:
         with self._lock:
-            if key in self._index:  # a racing put of the same (content-addressed) key won
-                self._free.free(offset, _aligned(size))
-                self._index.move_to_end(key)
-                return
-            self._index[key] = _Slot(offset, size)
-            self.used_bytes += size
+            self._slots.insert(key, Slot(offset, size))
 
     def get(self, key: ChunkKey) -> bytes | None:
         """A private copy of the object (now most recently used), or None."""
@@ -193,27 +174,22 @@ class Arena:
 
     def _read(self, key: ChunkKey, *, touch: bool) -> bytes | None:
         with self._lock:
-            slot = self._index.get(key)
+            slot = self._slots.pin(key, touch=touch)  # pinned while copied outside the lock
             if slot is None:
-                return self._evicting.get(key)
-            if touch:
-                self._index.move_to_end(key)
-            slot.leases += 1  # pinned while copied outside the lock
+                return self._slots.evicting.get(key)
         try:
-            return bytes(self._view[slot.offset : slot.offset + slot.length])
+            return self._copy_out(slot)
         finally:
             with self._lock:
-                self._unpin(slot)
+                self._slots.unpin(slot)
 
     @contextmanager
     def pinned(self, key: ChunkKey) -> Iterator[bytes | memoryview | None]:
         """The object as a view of the arena, pinned for the ``with`` block (no copy)."""
         with self._lock:
-            slot = self._index.get(key)
+            slot = self._slots.pin(key, touch=False)
             if slot is None:
-                evicting = self._evicting.get(key)
-            else:
-                slot.leases += 1
+                evicting = self._slots.evicting.get(key)
         if slot is None:
             yield evicting
             return
@@ -226,32 +202,28 @@ class Arena:
             except BufferError:  # the caller kept a slice; it is collected later
                 pass
             with self._lock:
-                self._unpin(slot)
+                self._slots.unpin(slot)
 
     def contains(self, key: ChunkKey) -> bool:
         with self._lock:
-            return key in self._index or key in self._evicting
+            return self._slots.contains(key)
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
-            return [k in self._index or k in self._evicting for k in keys]
+            return [self._slots.contains(k) for k in keys]
 
     def delete(self, key: ChunkKey) -> bool:
         """Drop ``key`` (also from objects mid-eviction); True if it was held."""
         with self._lock:
-            was_evicting = self._evicting.pop(key, None) is not None
-            slot = self._index.pop(key, None)
-            if slot is not None:
-                self._release_slot(slot)
-            return slot is not None or was_evicting
+            return self._slots.delete(key)
 
     def keys(self) -> list[ChunkKey]:
         """Held keys, least recently used first."""
         with self._lock:
-            return list(self._index)
+            return list(self._slots.index)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._slots.index)
 
     # -- leases --------------------------------------------------------------------
     def lease(self, keys: Sequence[ChunkKey], ttl_s: float | None = None
@@ -260,32 +232,15 @@ class Arena:
         with self._lock:
             self._check_open()
             self._expire_leases()
-            slots: list[_Slot] = []
-            for key in keys:
-                slot = self._index.get(key)
-                if slot is None:
-                    break
-                self._index.move_to_end(key)
-                slot.leases += 1
-                slots.append(slot)
-            lease_id = self._new_lease_id()
             ttl = self.lease_ttl_s if ttl_s is None else ttl_s
-            self._leases[lease_id] = _Lease(slots, time.monotonic() + ttl)
+            lease_id, slots = self._slots.lease(keys, ttl, self._reservations)
             return lease_id, [Extent(s.offset, s.length) for s in slots]
 
     def extend(self, lease_id: LeaseId, key: ChunkKey) -> Extent | None:
         """Add ``key`` to a held lease; its extent, or None if the arena lacks it."""
         with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                raise NotFound(f"lease {lease_id} is not held (released or expired)")
-            slot = self._index.get(key)
-            if slot is None:
-                return None
-            self._index.move_to_end(key)
-            slot.leases += 1
-            lease.slots.append(slot)
-            return Extent(slot.offset, slot.length)
+            slot = self._slots.extend(lease_id, key)
+            return None if slot is None else Extent(slot.offset, slot.length)
 
     def release(self, lease_id: LeaseId) -> None:
         """End a lease, or drop a reservation that no commit has claimed."""
@@ -293,16 +248,12 @@ class Arena:
             if lease_id in self._reservations and not self._reservations[lease_id].is_committing:
                 self._drop_reservation(lease_id)
                 return
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
-                raise NotFound(f"lease {lease_id} is not held (released or expired)")
-            for slot in lease.slots:
-                self._unpin(slot)
+            self._slots.release(lease_id)
 
     def num_leases(self) -> int:
         with self._lock:
             self._expire_leases()
-            return len(self._leases)
+            return len(self._slots.leases)
 
     # -- reservations: same-host writers ------------------------------------------
     def reserve(self, sizes: Sequence[int], ttl_s: float | None = None, tag: Any = None
@@ -322,17 +273,17 @@ class Arena:
             self._check_open()
             offsets: list[int] = []
             for size in sizes:
-                offset = None if _aligned(size) > self.capacity_bytes else \
-                    self._allocate(_aligned(size), evicted)
+                offset = None if aligned(size) > self.capacity_bytes else \
+                    self._allocate(aligned(size), evicted)
                 if offset is None:
                     for done, done_size in zip(offsets, sizes, strict=False):
-                        self._free.free(done, _aligned(done_size))
+                        self._slots.free_space(done, done_size)
                     offsets = []
                     break
                 offsets.append(offset)
             result = None
             if offsets or not sizes:
-                reservation_id = self._new_lease_id()
+                reservation_id = self._slots.new_lease_id(self._reservations)
                 extents = [Extent(o, n) for o, n in zip(offsets, sizes, strict=True)]
                 ttl = self.lease_ttl_s if ttl_s is None else ttl_s
                 self._reservations[reservation_id] = _Reservation(
@@ -371,13 +322,11 @@ class Arena:
             self._check_open()
             reservation = self._reservations[placement.reservation_id]
             assert reservation.is_committing and placement.index not in reservation.adopted
-            if key in self._index:  # content-addressed: the object is already held
-                self._index.move_to_end(key)
+            if self._slots.touch(key):  # content-addressed: the object is already held
                 return True
             extent = reservation.extents[placement.index]
-            slot = _Slot(extent.offset, extent.length, leases=1)
-            self._index[key] = slot
-            self.used_bytes += extent.length
+            slot = Slot(extent.offset, extent.length, leases=1)
+            self._slots.add(key, slot)
             reservation.adopted[placement.index] = slot
             return True
 
@@ -395,48 +344,13 @@ class Arena:
             return len(held), sum(e.length for r in held for e in r.extents)
 
     # -- internals (lock held) -----------------------------------------------------
-    def _new_lease_id(self) -> LeaseId:
-        # Random, not sequential: a local process cannot guess and release (or
-        # extend) another client's lease.
-        while True:
-            lease_id = secrets.randbits(63) + 1
-            if lease_id not in self._leases and lease_id not in self._reservations:
-                return lease_id
-
     def _allocate(self, size: int, evicted: list[tuple[ChunkKey, bytes]]) -> int | None:
         self._expire_leases()
-        offset = self._free.allocate(size)
-        while offset is None:
-            victim = next((k for k, s in self._index.items() if s.leases == 0), None)
-            if victim is None:
-                return None
-            slot = self._index.pop(victim)
-            data = bytes(self._view[slot.offset : slot.offset + slot.length])
-            evicted.append((victim, data))
-            if self.on_evict is not None:
-                self._evicting[victim] = data
-            self.evictions += 1
-            self._release_slot(slot)
-            offset = self._free.allocate(size)
-        return offset
-
-    def _release_slot(self, slot: _Slot) -> None:
-        slot.deleted = True
-        self.used_bytes -= slot.length
-        if slot.leases == 0:
-            self._free.free(slot.offset, _aligned(slot.length))
-
-    def _unpin(self, slot: _Slot) -> None:
-        slot.leases -= 1
-        if slot.leases == 0 and slot.deleted:
-            self._free.free(slot.offset, _aligned(slot.length))
+        return self._slots.allocate(size, evicted, keep_evicting=self.on_evict is not None)
 
     def _expire_leases(self) -> None:
+        self._slots.expire_leases()
         now = time.monotonic()
-        for lease_id in [i for i, lease in self._leases.items() if lease.expires_at <= now]:
-            log.info("arena lease %d expired", lease_id)
-            for slot in self._leases.pop(lease_id).slots:
-                self._unpin(slot)
         for reservation_id in [i for i, r in self._reservations.items()
                                if r.expires_at <= now and not r.is_committing]:
             log.info("arena reservation %d expired uncommitted; its space is freed",
@@ -448,9 +362,9 @@ class Arena:
         for index, extent in enumerate(reservation.extents):
             slot = reservation.adopted.get(index)
             if slot is not None:
-                self._unpin(slot)
+                self._slots.unpin(slot)
             else:
-                self._free.free(extent.offset, _aligned(extent.length))
+                self._slots.free_space(extent.offset, extent.length)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -458,19 +372,7 @@ class Arena:
 
     def _notify(self, evicted: list[tuple[ChunkKey, bytes]]) -> None:
         """Run on_evict (outside the lock); the object stays readable until it returns."""
-        callback = self.on_evict
-        for key, data in evicted:
-            try:
-                if callback is not None:
-                    callback(key, data)
-            except Exception:
-                # The put that evicted succeeded; a failing demotion only loses a
-                # cached copy, so it must not fail the caller.
-                log.exception("arena on_evict callback failed for chunk %s", key.hex())
-            finally:
-                with self._lock:
-                    if self._evicting.get(key) is data:
-                        del self._evicting[key]
+        self._slots.finish_evictions(evicted, self.on_evict, self._lock)
 
     def close(self) -> None:
         """Unmap and unlink the file. Idempotent; clients' mappings stay valid."""
@@ -478,11 +380,8 @@ class Arena:
             if self._closed:
                 return
             self._closed = True
-            self._index.clear()
-            self._evicting.clear()
-            self._leases.clear()
+            self._slots.clear()
             self._reservations.clear()
-            self.used_bytes = 0
             self._view.release()
             try:
                 self._map.close()

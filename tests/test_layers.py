@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FOUNDATION = {"kvstore.errors", "kvstore._version", "kvstore.layout", "kvstore.keys",
-              "kvstore._proto", "kvstore._frames", "kvstore.arena_file", "kvstore._progress",
-              "kvstore.device_checksum"}
+              "kvstore._proto", "kvstore._frames", "kvstore.arena_file", "kvstore.arena_slots",
+              "kvstore._progress", "kvstore.device_checksum"}
 # component -> the components it may import (besides itself). Read bottom-up: each
 # layer may use the ones above it in this table.
 ALLOWED: dict[str, set[str]] = {
@@ -29,6 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "kvstore._proto": set(),
     "kvstore._frames": {"kvstore.errors", "kvstore._proto"},
     "kvstore.arena_file": {"kvstore.errors"},
+    # slot/lease bookkeeping shared by the DRAM arena and the GPU tier (no I/O)
+    "kvstore.arena_slots": {"kvstore.errors", "kvstore.keys", "kvstore.arena_file"},
     "kvstore._progress": set(),  # progress bars on a terminal's stderr (rich)
     "kvstore.device_checksum": set(),  # the chunk checksum computed on CPU and GPU alike
     # below the codec: configuration, model knowledge, Triton kernels

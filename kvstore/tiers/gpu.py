@@ -30,22 +30,20 @@ import dataclasses
 import logging
 import secrets
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kvstore.arena_file import ALIGN, FreeList
+from kvstore.arena_file import ALIGN
+from kvstore.arena_slots import LeaseId, Slot, SlotTable, aligned
 from kvstore.codec.format import CodecId, read_header
 from kvstore.config import GpuTierConfig
-from kvstore.errors import Corrupt, InvalidArgument, NotFound
+from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import EvictCallback, TierStats
 
 logger = logging.getLogger(__name__)
 
-LeaseId = int
 # Fills a host buffer with one object (e.g. a disk read into the slab's staging
 # buffer); returns False when it could not (missing, unreadable or corrupt).
 Filler = Callable[[memoryview], bool]
@@ -86,25 +84,6 @@ class GpuExtent:
     checksum: int  # kvstore.device_checksum of the object's bytes
 
 
-@dataclass(slots=True)
-class _Slot:
-    offset: int  # byte offset in the slab
-    length: int  # object bytes (the allocation is length rounded up to ALIGN)
-    checksum: int  # device checksum of the object
-    leases: int = 0  # live leases (and in-flight reads) covering this slot
-    deleted: bool = False  # removed from the index; freed when leases reach 0
-
-
-@dataclass(slots=True)
-class _Lease:
-    slots: list[_Slot]
-    expires_at: float  # time.monotonic() deadline
-
-
-def _aligned(n: int) -> int:
-    return max(ALIGN, (n + ALIGN - 1) // ALIGN * ALIGN)
-
-
 def is_raw_object(obj: bytes | memoryview) -> bool:
     """True for a raw (decoded) KVC1 object: the only kind the tier holds."""
     try:
@@ -128,13 +107,14 @@ class GpuTier:
         self.nonce = secrets.token_bytes(16)  # tells clients which slab they opened
         self._slab = slab
         self._capacity_bytes = slab.nbytes // ALIGN * ALIGN
-        self._free = FreeList(self._capacity_bytes)
-        self._index: OrderedDict[ChunkKey, _Slot] = OrderedDict()  # LRU first
-        self._evicting: dict[ChunkKey, bytes] = {}  # evicted, on_evict still running
-        self._leases: dict[LeaseId, _Lease] = {}
+        # The LRU index, free list and leases (the arena's); each slot keeps the
+        # object's device checksum. Victims are read back before their space is
+        # reused: the engine demotes these bytes.
+        self._slots = SlotTable(self._capacity_bytes, 0,
+                                lambda slot: self._slab.read(slot.offset, slot.length),
+                                log=logger, name="GPU", lease_noun="GPU lease")
         self._lock = threading.Lock()
         self._upload_lock = threading.Lock()  # one staging buffer: uploads take turns
-        self._used_bytes = 0
         self._stats = TierStats(name=self.name, capacity_bytes=self._capacity_bytes)
 
     @property
@@ -174,21 +154,20 @@ class GpuTier:
         """
         evicted: list[tuple[ChunkKey, bytes]] = []
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+            if self._slots.touch(key):
                 return True
-            if _aligned(nbytes) > self._capacity_bytes:
+            if aligned(nbytes) > self._capacity_bytes:
                 return False
-            offset = self._allocate(_aligned(nbytes), evicted)
+            offset = self._allocate(aligned(nbytes), evicted)
         try:
             if offset is None:
                 return False
             checksum = self._upload(offset, nbytes, fill)
             if checksum is None:
                 with self._lock:
-                    self._free.free(offset, _aligned(nbytes))
+                    self._slots.free_space(offset, nbytes)
                 return False
-            self._insert(key, _Slot(offset, nbytes, checksum))
+            self._insert(key, Slot(offset, nbytes, checksum))
             return True
         finally:
             self._notify(evicted)
@@ -199,32 +178,26 @@ class GpuTier:
                 return None
             return self._slab.upload_staged(offset, nbytes)
 
-    def _insert(self, key: ChunkKey, slot: _Slot) -> None:
+    def _insert(self, key: ChunkKey, slot: Slot) -> None:
         with self._lock:
-            if key in self._index:  # a racing put of the same (content-addressed) key won
-                self._free.free(slot.offset, _aligned(slot.length))
-                self._index.move_to_end(key)
+            if not self._slots.insert(key, slot):  # a racing put of the same key won
                 return
-            self._index[key] = slot
-            self._used_bytes += slot.length
             self._stats.puts += 1
             self._stats.written_bytes += slot.length
 
     def get(self, key: ChunkKey) -> bytes | None:
         """The object copied back to the host (now most recently used), or None."""
         with self._lock:
-            slot = self._index.get(key)
+            slot = self._slots.pin(key, touch=True)  # pinned while copied outside the lock
             if slot is None:
-                obj = self._evicting.get(key)
+                obj = self._slots.evicting.get(key)
                 self._count_read(obj)
                 return obj
-            self._index.move_to_end(key)
-            slot.leases += 1  # pinned while copied outside the lock
         try:
             obj = self._slab.read(slot.offset, slot.length)
         finally:
             with self._lock:
-                self._unpin(slot)
+                self._slots.unpin(slot)
         with self._lock:
             self._count_read(obj)
         return obj
@@ -238,36 +211,31 @@ class GpuTier:
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
-            return [k in self._index or k in self._evicting for k in keys]
+            return [self._slots.contains(k) for k in keys]
 
     def delete(self, key: ChunkKey) -> bool:
         """Drop ``key`` (also from objects mid-eviction); True if it was held."""
         with self._lock:
-            was_evicting = self._evicting.pop(key, None) is not None
-            slot = self._index.pop(key, None)
-            if slot is not None:
-                self._release_slot(slot)
-            return slot is not None or was_evicting
+            return self._slots.delete(key)
 
     def keys(self) -> list[ChunkKey]:
         """Held keys, least recently used first."""
         with self._lock:
-            return list(self._index)
+            return list(self._slots.index)
 
     def stats(self) -> TierStats:
         with self._lock:
-            self._expire_leases()
+            self._slots.expire_leases()
             return dataclasses.replace(
-                self._stats, used_bytes=self._used_bytes, num_objects=len(self._index),
-                info={"device": f"cuda:{self._slab.device}", "leases": str(len(self._leases))})
+                self._stats, used_bytes=self._slots.used_bytes,
+                num_objects=len(self._slots.index), evictions=self._slots.evictions,
+                info={"device": f"cuda:{self._slab.device}",
+                      "leases": str(len(self._slots.leases))})
 
     def close(self) -> None:
         """Drop every object and free the slab (no eviction callbacks: DRAM has them)."""
         with self._lock:
-            self._index.clear()
-            self._evicting.clear()
-            self._leases.clear()
-            self._used_bytes = 0
+            self._slots.clear()
         self._slab.close()
 
     # -- leases -----------------------------------------------------------------------
@@ -276,18 +244,9 @@ class GpuTier:
               ) -> tuple[LeaseId, list[GpuExtent]]:
         """Pin the leading held ``keys``; the lease and their extents (maybe [])."""
         with self._lock:
-            self._expire_leases()
-            slots: list[_Slot] = []
-            for key in keys:
-                slot = self._index.get(key)
-                if slot is None:
-                    break
-                self._index.move_to_end(key)
-                slot.leases += 1
-                slots.append(slot)
-            lease_id = self._new_lease_id()
+            self._slots.expire_leases()
             ttl = self.lease_ttl_s if ttl_s is None else ttl_s
-            self._leases[lease_id] = _Lease(slots, time.monotonic() + ttl)
+            lease_id, slots = self._slots.lease(keys, ttl)
             return lease_id, [GpuExtent(s.offset, s.length, s.checksum) for s in slots]
 
     def extend_lease(self, lease_id: LeaseId, key: ChunkKey) -> GpuExtent | None:
@@ -297,86 +256,26 @@ class GpuTier:
             NotFound: the lease is not held (released or expired).
         """
         with self._lock:
-            lease = self._leases.get(lease_id)
-            if lease is None:
-                raise NotFound(f"GPU lease {lease_id} is not held (released or expired)")
-            slot = self._index.get(key)
-            if slot is None:
-                return None
-            self._index.move_to_end(key)
-            slot.leases += 1
-            lease.slots.append(slot)
-            return GpuExtent(slot.offset, slot.length, slot.checksum)
+            slot = self._slots.extend(lease_id, key)
+            return None if slot is None else GpuExtent(slot.offset, slot.length, slot.checksum)
 
     def release_lease(self, lease_id: LeaseId) -> None:
         """End a lease; raises NotFound if it is not held (released or expired)."""
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
-                raise NotFound(f"GPU lease {lease_id} is not held (released or expired)")
-            for slot in lease.slots:
-                self._unpin(slot)
+            self._slots.release(lease_id)
 
     def num_leases(self) -> int:
         with self._lock:
-            self._expire_leases()
-            return len(self._leases)
+            self._slots.expire_leases()
+            return len(self._slots.leases)
 
-    # -- internals (lock held) ----------------------------------------------------------
-
-    def _new_lease_id(self) -> LeaseId:
-        while True:  # random, so one local process cannot guess another's lease
-            lease_id = secrets.randbits(63) + 1
-            if lease_id not in self._leases:
-                return lease_id
+    # -- internals -----------------------------------------------------------------------
 
     def _allocate(self, size: int, evicted: list[tuple[ChunkKey, bytes]]) -> int | None:
-        self._expire_leases()
-        offset = self._free.allocate(size)
-        while offset is None:
-            victim = next((k for k, s in self._index.items() if s.leases == 0), None)
-            if victim is None:
-                return None
-            slot = self._index.pop(victim)
-            # Read back before the space is reused: the engine demotes these bytes.
-            data = self._slab.read(slot.offset, slot.length)
-            evicted.append((victim, data))
-            if self.on_evict is not None:
-                self._evicting[victim] = data
-            self._stats.evictions += 1
-            self._release_slot(slot)
-            offset = self._free.allocate(size)
-        return offset
-
-    def _release_slot(self, slot: _Slot) -> None:
-        slot.deleted = True
-        self._used_bytes -= slot.length
-        if slot.leases == 0:
-            self._free.free(slot.offset, _aligned(slot.length))
-
-    def _unpin(self, slot: _Slot) -> None:
-        slot.leases -= 1
-        if slot.leases == 0 and slot.deleted:
-            self._free.free(slot.offset, _aligned(slot.length))
-
-    def _expire_leases(self) -> None:
-        now = time.monotonic()
-        for lease_id in [i for i, lease in self._leases.items() if lease.expires_at <= now]:
-            logger.info("GPU lease %d expired", lease_id)
-            for slot in self._leases.pop(lease_id).slots:
-                self._unpin(slot)
+        """Room for ``size`` bytes, evicting unleased LRU objects (lock held)."""
+        self._slots.expire_leases()
+        return self._slots.allocate(size, evicted, keep_evicting=self.on_evict is not None)
 
     def _notify(self, evicted: list[tuple[ChunkKey, bytes]]) -> None:
         """Run on_evict (outside the lock); the victim stays visible until it returns."""
-        callback = self.on_evict
-        for key, data in evicted:
-            try:
-                if callback is not None:
-                    callback(key, data)
-            except Exception:
-                # The put that evicted succeeded; a failed demotion loses only a copy.
-                logger.exception("GPU tier on_evict failed for chunk %s", key.hex())
-            finally:
-                with self._lock:
-                    if self._evicting.get(key) is data:
-                        del self._evicting[key]
+        self._slots.finish_evictions(evicted, self.on_evict, self._lock)
