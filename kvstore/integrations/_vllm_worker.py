@@ -133,7 +133,7 @@ class Worker:
         spec, num_layers = load.spec, 0
         try:
             # Streamed, or copied out of the daemon's arena on the same host. ZERO-COPY
-            # SWITCH POINT: when Client.get(out=...) lands, read straight into staging here.
+            # SWITCH POINT: Client.get(out=...) (same host) could read into staging here.
             for layer, kv in self._load_client.get_layers(spec.tokens):
                 num_got = kv.shape[2]
                 with load.lock:
@@ -217,7 +217,8 @@ class Worker:
 
     def _run_save(self, save: _Save) -> None:
         try:
-            # SAME-HOST SWITCH POINT: the one put call; a same-host put path lands here.
+            # The one put call: on the daemon's host Client.put builds the objects in the
+            # arena (ReserveExtents/CommitExtents); elsewhere it streams.
             self._save_client.put(save.spec.tokens, save.staging)
         except Exception as exc:  # a later request recomputes: a lost save is only a miss
             with self._lock:

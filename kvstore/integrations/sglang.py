@@ -138,7 +138,7 @@ class KVStoreHiCache(HiCacheStorage):
         slots = self._page_slots(keys, host_indices)
         results = [False] * len(keys)
         for i, (key, slot) in enumerate(zip(keys, slots, strict=True)):
-            # ZERO-COPY SWITCH POINT: Client.get(out=...) could write into the page directly.
+            # ZERO-COPY SWITCH POINT: Client.get_chunk has no out= yet (Client.get has).
             got = self._get(key)
             if got is None:
                 break  # SGLang uses only the leading run of hits
