@@ -3,6 +3,8 @@ refusals, and a corrupt DRAM copy beside a good disk copy (issue #17 items 4, 5,
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import os
 import threading
 import time
@@ -60,17 +62,14 @@ def _engine(engines: list[Engine], disk: FaultyTier, *, policy: str, interval_s:
     return engine
 
 
-def test_write_back_disk_lag_bounded_when_disk_slower_than_puts(tmp_path: Path,
-                                                                engines: list[Engine]) -> None:
-    # Issue #17 item 4: every acknowledged put reaches the disk within the interval,
-    # even when puts arrive faster than the disk writes (puts wait instead). Without
-    # backpressure the 240 puts outrun the disk by seconds; with it the lag stays near
-    # half the interval, leaving the other half for a loaded machine's scheduling.
-    interval_s = 1.0
-    disk = LandingTier(DiskTier(DiskTierConfig(path=str(tmp_path / "d"),
-                                               capacity_bytes=1 << 30, fsync=False)))
+def _write_back_lags(directory: str, interval_s: float) -> tuple[list[float], int]:
+    """Put 240 chunks from 4 threads through write-back over a slow disk; (sorted seconds
+    from each put's acknowledgement to its landing on disk, puts that waited)."""
+    disk = LandingTier(DiskTier(DiskTierConfig(path=directory, capacity_bytes=1 << 30,
+                                               fsync=False)))
     disk.faults.delay_s = 0.01  # every disk call: a slow device...
     disk.put_delay_s = 0.04  # ...whose writes take 5x its lookups: ~80 flushes/s
+    engines: list[Engine] = []
     engine = _engine(engines, disk, policy="write-back", interval_s=interval_s)
     acked: dict[ChunkKey, float] = {}
     lock = threading.Lock()
@@ -81,22 +80,40 @@ def test_write_back_disk_lag_bounded_when_disk_slower_than_puts(tmp_path: Path,
             with lock:
                 acked[make_key(i)] = time.monotonic()
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    engine.flush()
-    lags = [disk.landed[key] - at for key, at in acked.items()]
+    try:
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        engine.flush()
+        put_waits = int(engine.stats()[0].info["put_waits"])
+    finally:
+        engine.close()
+    return sorted(disk.landed[key] - at for key, at in acked.items()), put_waits
+
+
+def test_write_back_disk_lag_bounded_when_disk_slower_than_puts(tmp_path: Path) -> None:
+    # Issue #17 item 4: every acknowledged put reaches the disk within the interval,
+    # even when puts arrive faster than the disk writes (puts wait instead). Without
+    # backpressure the 240 puts outrun the disk by seconds; with it the lag stays near
+    # half the interval, leaving the other half for a loaded machine's scheduling.
+    # Measured in a fresh process: threads other tests leave in the pytest process
+    # compete for the GIL with the flushers (p99 1.48 s in the whole suite; within 1 s
+    # alone).
+    interval_s = 1.0
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        lags, put_waits = pool.submit(_write_back_lags, str(tmp_path / "d"),
+                                      interval_s).result(timeout=300)
     assert len(lags) == 240
-    lags.sort()
-    # Every lag should be under the interval; a test process sharing 2 loaded cores
-    # with the whole suite was seen to stall one flush for ~1.3 s, so the strict bound
-    # is asserted on the 99th percentile here and on every put in the real-daemon test
+    # Every lag should be under the interval; a test process sharing 2 loaded cores was
+    # seen to stall one flush for ~1.3 s, so the strict bound is asserted on the 99th
+    # percentile here and on every put in the real-daemon test
     # (tests/test_daemon_faults.py). The old engine lagged 5.8 s.
     assert lags[int(0.99 * len(lags))] <= interval_s, f"p99 lag {lags[int(0.99 * len(lags))]:.2f} s"
     assert lags[-1] <= 2 * interval_s, f"a put reached the disk {lags[-1]:.2f} s after its ack"
-    assert int(engine.stats()[0].info["put_waits"]) > 0  # the puts were slowed down
+    assert put_waits > 0  # the puts were slowed down
 
 
 def test_write_through_put_fails_when_disk_refuses(tmp_path: Path,
