@@ -12,10 +12,12 @@ One daemon (DRAM only), one run, interleaved repetitions, best of each:
   1024 tokens of Llama-8B shape by default; p50 and p99 over ``--request-repeat``
   interleaved runs): ``request_memcpy_warm`` (numpy copy into a reused buffer, the
   baseline), ``request_get_out`` (``get(out=buffer)``: one verified copy out of the
-  arena into the caller's buffer; ``_unverified``: ``verify=False``, headers
-  only), ``request_get`` (``get()`` into a new array),
-  ``request_put`` (``put``: reserve, build the objects in the arena, commit; the
-  chunks are deleted, untimed, before each put) and ``request_memcpy_fresh``.
+  arena into the caller's buffer, its chunks split across the client's
+  ``copy_threads`` (2 on 2 cores); ``_one_thread``: ``copy_threads=1``;
+  ``_unverified``: ``verify=False``, headers only), ``request_get`` (``get()``
+  into a new array), ``request_put`` (``put``: reserve, build the objects in
+  the arena, commit; the chunks are deleted, untimed, before each put;
+  ``_one_thread`` as above) and ``request_memcpy_fresh``.
 - ``layer_overlap``: ``get_layers`` with per-layer consumer work that does not
   occupy the CPU (a stand-in for a GPU kernel launched per layer), against
   get-then-work, on a smaller sequence.
@@ -104,17 +106,21 @@ def bench_request(address: str, num_tokens: int, repeat: int) -> None:
     tokens = rng.integers(0, 128_000, size=num_tokens).tolist()
     warm, out = np.empty_like(kv), np.empty_like(kv)
     samples: dict[str, list[float]] = {name: [] for name in (
-        "memcpy_warm", "get_out", "get_out_unverified", "put", "get", "memcpy_fresh")}
-    with Client(address, "request", LLAMA8B, transport="arena") as client:
-        def put() -> float:
-            client.delete(tokens)
-            return _timed(lambda: client.put(tokens, kv))
+        "memcpy_warm", "get_out", "get_out_one_thread", "get_out_unverified", "put",
+        "put_one_thread", "get", "memcpy_fresh")}
+    with Client(address, "request", LLAMA8B, transport="arena") as client, \
+            Client(address, "request", LLAMA8B, transport="arena", copy_threads=1) as single:
+        def put(writer: Client) -> float:
+            writer.delete(tokens)
+            return _timed(lambda: writer.put(tokens, kv))
 
         steps = {"memcpy_warm": lambda: _timed(lambda: np.copyto(warm, kv)),
                  "get_out": lambda: _timed(lambda: client.get(tokens, out=out)),
+                 "get_out_one_thread": lambda: _timed(lambda: single.get(tokens, out=out)),
                  "get_out_unverified": lambda: _timed(
                      lambda: client.get(tokens, out=out, verify=False)),
-                 "put": put,
+                 "put": lambda: put(client),
+                 "put_one_thread": lambda: put(single),
                  "get": lambda: _timed(lambda: client.get(tokens, as_numpy=True)),
                  "memcpy_fresh": lambda: _timed(lambda: np.copyto(np.empty_like(kv), kv))}
         client.put(tokens, kv)

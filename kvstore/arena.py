@@ -105,8 +105,10 @@ class Arena:
         # Set once every page is faulted in (or prefaulting gave up): the daemon reports
         # NOT_SERVING on its health service until then (server/app.py).
         self.prefaulted = threading.Event()
-        threading.Thread(target=self._prefault, name="kvstore-arena-prefault",
-                         daemon=True).start()
+        self._stop_prefault = threading.Event()  # set by close, before unmapping
+        self._prefaulter = threading.Thread(target=self._prefault, name="kvstore-arena-prefault",
+                                            daemon=True)
+        self._prefaulter.start()
         # The LRU index, free list and leases; bytes live in the file (self._view).
         self._slots = SlotTable(self.capacity_bytes, HEADER_BYTES, self._copy_out,
                                 log=log, name="arena", lease_noun="lease")
@@ -128,7 +130,7 @@ class Arena:
 
     def _prefault(self) -> None:
         try:
-            prefault(self._map)
+            prefault(self._map, stop=self._stop_prefault)
         finally:
             self.prefaulted.set()
 
@@ -380,6 +382,8 @@ class Arena:
             if self._closed:
                 return
             self._closed = True
+            self._stop_prefault.set()
+            self._prefaulter.join()  # at most one prefault slice (a few ms) away
             self._slots.clear()
             self._reservations.clear()
             self._view.release()

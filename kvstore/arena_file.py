@@ -1,7 +1,8 @@
 """The arena file: its header format, creation, stale-file cleanup and read-only mapping.
 
 Shared by the daemon (``kvstore.arena.Arena`` creates and writes the file) and
-the client (``ArenaReader`` maps it read-only); needs only the standard library.
+the client (``ArenaReader`` maps it read-only); needs only the standard library
+and numpy (the address of a mapping, for the GIL-free prefault).
 
 File layout (little-endian): the first ``HEADER_BYTES`` (one 4 KiB page) hold the
 header, objects follow, each starting on an ``ALIGN``-byte boundary::
@@ -24,6 +25,7 @@ processes of the daemon's user can open it.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import errno
 import logging
 import mmap
@@ -33,6 +35,9 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, NotFound
 
@@ -207,29 +212,52 @@ def _map_new(directory: str, file_bytes: int) -> tuple[str, mmap.mmap]:
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-_PREFAULT_SLICE = 4 << 20  # ~2 ms per call here; mmap.madvise holds the GIL
+# ~2 ms of kernel time per call here. Called through ctypes, which drops the GIL
+# for the call: ``mmap.madvise`` holds it, and a background prefault of a whole
+# arena then took the GIL from the inference process ~2 ms at a time.
+_PREFAULT_SLICE = 4 << 20
+
+
+def _libc_madvise() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
 
 
 def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE,
-             writable: bool = True) -> None:
+             writable: bool = True, stop: threading.Event | None = None) -> None:
     """Fault every page of ``mapped`` into this process's page tables (contents unchanged).
 
     fallocate reserved the pages, but each one still costs a fault on its first
     write through this mapping: measured here, the first pass of 5.9 MB copies over
     a fresh shm mapping ran at 1.9-2.2 GB/s, later passes (and passes after this) at
     12-16 GB/s (``python bench/bench_micro.py``, row "arena_first_write"). Run in a
-    background thread at start-up; returns early, quietly, on a kernel without
-    MADV_POPULATE_WRITE or once the mapping is closed.
+    background thread; the GIL is released during each slice's madvise, so other
+    threads of the process run meanwhile. Returns early, quietly, on a kernel
+    without MADV_POPULATE_*, once ``stop`` is set or once the mapping is closed.
+    Each slice holds a buffer of the mapping, so an owner that sets ``stop`` and
+    joins this thread before closing can never see the madvise reach a freed range.
     """
+    try:
+        madvise = _libc_madvise()
+    except (OSError, AttributeError) as exc:  # no libc madvise here
+        log.debug("arena prefault skipped: %s", exc)
+        return
+    advice = _MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ
     size = len(mapped)
     for offset in range(0, size, slice_bytes):
-        try:
-            mapped.madvise(_MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ, offset,
-                           min(slice_bytes, size - offset))
-        except ValueError:  # the arena was closed meanwhile
+        if stop is not None and stop.is_set():
             return
-        except OSError as exc:  # EINVAL: kernel older than 5.14; pages fault on first use
-            log.debug("arena prefault stopped: %s", exc)
+        try:
+            with memoryview(mapped) as whole:
+                part = np.frombuffer(whole, np.uint8, min(slice_bytes, size - offset), offset)
+                failed = madvise(part.ctypes.data, part.nbytes, advice) != 0
+                del part
+        except ValueError:  # the mapping was closed meanwhile
+            return
+        if failed:  # EINVAL: kernel older than 5.14; pages fault on first use
+            log.debug("arena prefault stopped: %s", os.strerror(ctypes.get_errno()))
             return
 
 
@@ -277,8 +305,12 @@ class ArenaReader:
         # Fault the pages into this process's page tables in the background: a
         # client's first touch of each arena page otherwise costs a fault on every
         # get or put that reaches new space (see ``prefault``).
-        threading.Thread(target=prefault, args=(self._map,), kwargs={"writable": writable},
-                         name="kvstore-arena-client-prefault", daemon=True).start()
+        self._stop_prefault = threading.Event()
+        self._prefaulter = threading.Thread(
+            target=prefault, args=(self._map,),
+            kwargs={"writable": writable, "stop": self._stop_prefault},
+            name="kvstore-arena-client-prefault", daemon=True)
+        self._prefaulter.start()
 
     @staticmethod
     def _map_checked(fd: int, path: str, prot: int) -> mmap.mmap:
@@ -316,6 +348,10 @@ class ArenaReader:
         return self._view[extent.offset : end]
 
     def close(self) -> None:
+        prefaulter = getattr(self, "_prefaulter", None)  # absent when __init__ failed
+        if prefaulter is not None:
+            self._stop_prefault.set()
+            prefaulter.join()  # at most one slice (a few ms) away from returning
         self._view.release()
         try:
             self._map.close()

@@ -245,3 +245,61 @@ def test_reservation_holds_space_until_committed_or_expired() -> None:
             arena.claim_reservation(rid)
     finally:
         arena.close()
+
+
+def _resident_bytes(address: int) -> int:
+    """Rss of this process's mapping that starts at ``address`` (/proc/self/smaps)."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line[0].isupper() and int(line.split("-")[0], 16) == address:
+            for field in lines[i + 1:]:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1]) * 1024
+    raise AssertionError(f"no mapping starts at {address:#x}")
+
+
+def test_prefault_maps_every_page_with_the_gil_released(tmp_path) -> None:
+    import mmap
+    import os
+
+    import numpy as np
+
+    from kvstore.arena_file import create_file, prefault
+
+    size = 128 << 20
+    path, created, _ = create_file(str(tmp_path), size, hugepages=False)
+    fd = os.open(path, os.O_RDONLY)
+    mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)  # a client's fresh read-only mapping
+    os.close(fd)
+    address = np.frombuffer(mapped, np.uint8).ctypes.data
+    try:
+        assert _resident_bytes(address) < size // 4
+        # One slice of the whole mapping: ~30+ ms in the kernel. Were the GIL held for
+        # it, this thread would make no progress for that long.
+        prefaulter = threading.Thread(target=prefault, args=(mapped,),
+                                      kwargs={"slice_bytes": size, "writable": False})
+        start = last = time.perf_counter()
+        longest_gap = 0.0
+        prefaulter.start()
+        while prefaulter.is_alive():
+            now = time.perf_counter()
+            longest_gap, last = max(longest_gap, now - last), now
+        took = time.perf_counter() - start
+        assert _resident_bytes(address) == size
+        assert longest_gap < max(took / 2, 0.005), (longest_gap, took)
+    finally:
+        mapped.close()
+        created.close()
+        os.unlink(path)
+
+
+def test_closing_a_reader_stops_its_prefault_first(tmp_path) -> None:
+    arena = Arena(256 << 20)
+    try:
+        reader = ArenaReader(arena.path, nonce=arena.nonce)
+        prefaulter = reader._prefaulter
+        reader.close()  # would unmap under a running madvise were it not joined
+        assert not prefaulter.is_alive()
+    finally:
+        arena.close()
+    assert not arena._prefaulter.is_alive()

@@ -12,6 +12,7 @@ import torch
 
 from kvstore.client import AsyncClient
 from kvstore.errors import Corrupt, InvalidArgument
+from kvstore.layout import KVLayout
 from tests.conftest import make_kv, make_tokens
 
 
@@ -148,3 +149,44 @@ def test_unverified_get_checks_headers_but_not_checksums(client, layout, server)
     arena._view[extent.offset] ^= 0x01  # the magic
     with pytest.raises(Corrupt):
         c.get(tokens, as_numpy=True, verify=False)
+
+
+# 4 MiB chunks: a request of two or more is split across the client's copy threads.
+BIG_LAYOUT = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype="float16",
+                      chunk_tokens=256)
+
+
+@pytest.mark.parametrize("bad_chunk", [0, 3])  # on the calling thread / on the worker
+def test_split_get_never_hands_back_a_corrupt_chunk(client, server, bad_chunk):
+    tokens, kv = make_tokens(1024), make_kv(BIG_LAYOUT, 1024)  # 4 chunks, 16 MiB
+    split = client("big", BIG_LAYOUT, transport="arena", copy_threads=2)
+    assert split.put(tokens, kv) == 1024  # the same-host put, split across 2 threads too
+    assert split._local.threads._pool is not None  # it did start a worker
+    out = np.zeros_like(kv)
+    assert np.array_equal(split.get(tokens, out=out, layers=None), kv)
+    with split.lease(tokens) as lease:
+        extent = lease.extents[bad_chunk]
+    arena = server.engine.dram._arena
+    arena._view[extent.offset + extent.length // 2] ^= 0x04  # one KV byte of that chunk
+    for copy_threads in (2, 1):
+        with pytest.raises(Corrupt, match=f"arena chunk {bad_chunk}: checksum"):
+            client("big", BIG_LAYOUT, transport="arena", copy_threads=copy_threads).get(
+                tokens, out=out)
+    # "auto" streams the read instead: the daemon drops its bad DRAM copy and serves
+    # what it still has verified (disk, once flushed). Only the returned view is
+    # defined; out's other tokens may hold what the failed arena copy left there.
+    got = client("big", BIG_LAYOUT, copy_threads=2).get(tokens, out=out, as_numpy=True)
+    assert got is None or (np.shares_memory(got, out) and
+                           np.array_equal(got, kv[:, :, :, :got.shape[3]]))
+
+
+def test_split_and_single_thread_gets_agree_on_every_layer_subset(client):
+    tokens, kv = make_tokens(768), make_kv(BIG_LAYOUT, 768, seed=3)
+    client("big", BIG_LAYOUT, transport="stream").put(tokens, kv)
+    for layers in (None, [0, 3], [2]):
+        want = kv if layers is None else kv[layers]
+        for copy_threads in (1, 2):
+            c = client("big", BIG_LAYOUT, transport="arena", copy_threads=copy_threads)
+            assert np.array_equal(c.get(tokens, layers=layers, as_numpy=True), want)
+            out = np.zeros_like(want)
+            assert np.array_equal(c.get(tokens, layers=layers, out=out), want)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,6 +25,7 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import _local as local
 from kvstore.client._codec import encode_chunk
+from kvstore.client._copy_threads import CopyThreads
 from kvstore.client._plan import Offload, Plan, Unary
 from kvstore.client._protocol import PutPlan
 from kvstore.client._status import error_from_rpc
@@ -113,21 +114,27 @@ def _piece(plan: PutPlan, index: int) -> np.ndarray:
 
 def _write_objects(writer: local.ArenaReader, extents: Sequence[pb.ChunkExtent],
                    objects: _Objects, plan: PutPlan, layout: KVLayout,
-                   deadline: float) -> None:
+                   deadline: float, threads: CopyThreads) -> None:
+    """Write every reserved object, split across ``threads`` (each object whole on one)."""
     flags = FLAG_POSITION_FREE if plan.position_free else 0
-    for i, extent in enumerate(extents):
-        if extent.length_bytes == 0:
-            continue  # already stored
-        if time.monotonic() > deadline:
-            raise CapacityExhausted("the arena reservation is close to its TTL; streaming")
-        dst = writer.view(local.Extent(extent.offset_bytes, extent.length_bytes))
-        if dst.nbytes != objects.sizes[i]:
-            raise InvalidArgument(f"daemon reserved {dst.nbytes} bytes for chunk "
-                                  f"{objects.first + i}, its object is {objects.sizes[i]}")
-        if objects.encoded is None:
-            write_raw_object(dst, _piece(plan, objects.first + i), layout, flags)
-        else:
-            dst[:] = objects.encoded[i]
+
+    def job(i: int, extent: pb.ChunkExtent) -> Callable[[], None]:
+        def write() -> None:
+            if time.monotonic() > deadline:
+                raise CapacityExhausted("the arena reservation is close to its TTL; streaming")
+            dst = writer.view(local.Extent(extent.offset_bytes, extent.length_bytes))
+            if dst.nbytes != objects.sizes[i]:
+                raise InvalidArgument(f"daemon reserved {dst.nbytes} bytes for chunk "
+                                      f"{objects.first + i}, its object is {objects.sizes[i]}")
+            if objects.encoded is None:
+                write_raw_object(dst, _piece(plan, objects.first + i), layout, flags)
+            else:
+                dst[:] = objects.encoded[i]
+        return write
+
+    jobs = [job(i, extent) for i, extent in enumerate(extents)
+            if extent.length_bytes != 0]  # a length of 0: already stored
+    threads.run(jobs, sum(extent.length_bytes for extent in extents))
 
 
 def put_steps(paths: local.LocalPath, index: int, namespace: pb.Namespace, layout: KVLayout,
@@ -155,7 +162,7 @@ def put_steps(paths: local.LocalPath, index: int, namespace: pb.Namespace, layou
     deadline = time.monotonic() + reserved.ttl_ms / 1000 * _MIN_TTL_LEFT
     try:
         yield Offload(_write_objects, (arena.writable(), reserved.extents, objects, plan,
-                                       layout, deadline))
+                                       layout, deadline, paths.threads))
     except BaseException:
         yield Unary(index, "ReleaseLease",
                     pb.ReleaseLeaseRequest(lease_id=reserved.reservation_id), timeout_s)

@@ -62,7 +62,8 @@ class ClientCore:
                  tls_cert_file: str | None = None, tls_key_file: str | None = None,
                  timeout_s: float = 30.0, max_message_bytes: int = 64 << 20,
                  tp_rank: int = 0, transport: str = "auto", codec: str = "raw",
-                 max_blob_part_bytes: int = blobs.MAX_PART_BYTES) -> None:
+                 max_blob_part_bytes: int = blobs.MAX_PART_BYTES,
+                 copy_threads: int | None = None) -> None:
         if not isinstance(layout, KVLayout):
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
@@ -71,7 +72,7 @@ class ClientCore:
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self.max_blob_part_bytes = max_blob_part_bytes  # larger blobs are stored in parts
         self.num_broken_blobs = 0  # parted blobs read with a part missing or not matching
-        self._local = local.LocalPath(transport)
+        self._local = local.LocalPath(transport, copy_threads)
         self._gpu = gpu.GpuPath()
         self._codec = codecs.check_codec(codec)
         self._conns = self.connections(addresses, token=token, tls_ca_file=tls_ca_file,

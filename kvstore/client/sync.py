@@ -58,6 +58,11 @@ class Client(ClientCore):
             is lossy and several times smaller: ``get`` then returns exactly
             ``kvstore.codec.decode(kvstore.codec.encode(kv, layout, codec))``.
         max_blob_part_bytes: ``put_blob`` stores larger blobs in parts of this size.
+        copy_threads: threads a same-host ``put`` or ``get`` of 4 MiB or more splits
+            its chunks across (this thread included; each chunk copied and hashed
+            whole on one). None: 2 where this process may use 2 or more cores, else 1.
+            1 keeps every copy on the calling thread (a busy host, or cores pinned
+            to other work).
 
     Tensors are ``[layers, 2, kv_heads, tokens, head_dim]`` torch tensors or numpy
     arrays in ``layout.dtype``. numpy has no bfloat16: pass and receive bfloat16 as
