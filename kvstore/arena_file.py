@@ -219,10 +219,36 @@ _PREFAULT_SLICE = 4 << 20
 
 
 def _libc_madvise() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.madvise.restype = ctypes.c_int
-    return libc.madvise
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):  # no libc madvise here: report EINVAL's failure
+        return lambda *args: -1
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _libc_madvise()
+
+
+def populate(mapped: mmap.mmap, offset: int, length: int, *, writable: bool) -> bool:
+    """Fault ``mapped[offset:offset + length]`` into this process's page tables, with the
+    GIL released; False where the kernel cannot (older than 5.14) or the map is closed.
+
+    The buffer held during the call keeps ``mapped`` from being unmapped under it.
+    """
+    try:
+        with memoryview(mapped) as whole:
+            part = np.frombuffer(whole, np.uint8, length, offset)
+            advice = _MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ
+            failed = _madvise(part.ctypes.data, length, advice) != 0
+            del part
+    except ValueError:  # the mapping was closed meanwhile
+        return False
+    if failed:  # EINVAL: kernel older than 5.14; pages fault on first use
+        log.debug("arena prefault stopped: %s", os.strerror(ctypes.get_errno()))
+    return not failed
 
 
 def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE,
@@ -232,32 +258,17 @@ def prefault(mapped: mmap.mmap, *, slice_bytes: int = _PREFAULT_SLICE,
     fallocate reserved the pages, but each one still costs a fault on its first
     write through this mapping: measured here, the first pass of 5.9 MB copies over
     a fresh shm mapping ran at 1.9-2.2 GB/s, later passes (and passes after this) at
-    12-16 GB/s (``python bench/bench_micro.py``, row "arena_first_write"). Run in a
-    background thread; the GIL is released during each slice's madvise, so other
-    threads of the process run meanwhile. Returns early, quietly, on a kernel
-    without MADV_POPULATE_*, once ``stop`` is set or once the mapping is closed.
-    Each slice holds a buffer of the mapping, so an owner that sets ``stop`` and
-    joins this thread before closing can never see the madvise reach a freed range.
+    12-16 GB/s (``python bench/bench_micro.py``, row "arena_first_write"). The
+    daemon runs it in a background thread over its whole arena; the GIL is
+    released during each slice, so its other threads run meanwhile. Returns early,
+    quietly, on a kernel without MADV_POPULATE_*, once ``stop`` is set or once the
+    mapping is closed; an owner that sets ``stop`` and joins this thread before
+    closing never has a madvise reach a freed range.
     """
-    try:
-        madvise = _libc_madvise()
-    except (OSError, AttributeError) as exc:  # no libc madvise here
-        log.debug("arena prefault skipped: %s", exc)
-        return
-    advice = _MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ
     size = len(mapped)
     for offset in range(0, size, slice_bytes):
-        if stop is not None and stop.is_set():
-            return
-        try:
-            with memoryview(mapped) as whole:
-                part = np.frombuffer(whole, np.uint8, min(slice_bytes, size - offset), offset)
-                failed = madvise(part.ctypes.data, part.nbytes, advice) != 0
-                del part
-        except ValueError:  # the mapping was closed meanwhile
-            return
-        if failed:  # EINVAL: kernel older than 5.14; pages fault on first use
-            log.debug("arena prefault stopped: %s", os.strerror(ctypes.get_errno()))
+        if (stop is not None and stop.is_set()) or \
+                not populate(mapped, offset, min(slice_bytes, size - offset), writable=writable):
             return
 
 
@@ -302,15 +313,13 @@ class ArenaReader:
             raise Corrupt(f"arena {path} is {self._view.nbytes} bytes, its header says "
                           f"{HEADER_BYTES + data_bytes} (truncated)")
         self.nonce = found
-        # Fault the pages into this process's page tables in the background: a
-        # client's first touch of each arena page otherwise costs a fault on every
-        # get or put that reaches new space (see ``prefault``).
-        self._stop_prefault = threading.Event()
-        self._prefaulter = threading.Thread(
-            target=prefault, args=(self._map,),
-            kwargs={"writable": writable, "stop": self._stop_prefault},
-            name="kvstore-arena-client-prefault", daemon=True)
-        self._prefaulter.start()
+        # Slices of the mapping already faulted in (see ``view``). A client faults in
+        # only what it touches: prefaulting a whole arena of many GB in the
+        # background took a core (and, through mmap.madvise, the GIL) from the
+        # inference process for seconds, for pages it may never read.
+        self._writable = writable
+        self._populated = bytearray(-(-self._view.nbytes // _PREFAULT_SLICE))
+        self._can_populate = True
 
     @staticmethod
     def _map_checked(fd: int, path: str, prot: int) -> mmap.mmap:
@@ -345,13 +354,25 @@ class ArenaReader:
         if end > size:
             raise Corrupt(f"arena {self.path} was truncated to {size} bytes; extent {extent} "
                           "lies past its end")
+        self._populate(extent.offset, end)
         return self._view[extent.offset : end]
 
+    def _populate(self, start: int, end: int) -> None:
+        """Fault in the slices of [start, end) this mapping has not touched yet.
+
+        One MADV_POPULATE call per 4 MiB slice (GIL released) instead of a fault per
+        page (per 4 KiB written, or 64 KiB read) during the copy: paid once per slice,
+        by the first get or put that reaches it.
+        """
+        for index in range(start // _PREFAULT_SLICE, (end - 1) // _PREFAULT_SLICE + 1):
+            if not self._can_populate or self._populated[index]:
+                continue
+            self._populated[index] = 1  # first: a racing thread faults pages as usual
+            offset = index * _PREFAULT_SLICE
+            self._can_populate = populate(self._map, offset, min(
+                _PREFAULT_SLICE, self._view.nbytes - offset), writable=self._writable)
+
     def close(self) -> None:
-        prefaulter = getattr(self, "_prefaulter", None)  # absent when __init__ failed
-        if prefaulter is not None:
-            self._stop_prefault.set()
-            prefaulter.join()  # at most one slice (a few ms) away from returning
         self._view.release()
         try:
             self._map.close()

@@ -293,13 +293,30 @@ def test_prefault_maps_every_page_with_the_gil_released(tmp_path) -> None:
         os.unlink(path)
 
 
-def test_closing_a_reader_stops_its_prefault_first(tmp_path) -> None:
-    arena = Arena(256 << 20)
+def test_a_reader_faults_in_only_the_slices_it_views() -> None:
+    import numpy as np
+
+    arena = Arena(64 << 20)
     try:
+        assert arena.prefaulted.wait(30)
         reader = ArenaReader(arena.path, nonce=arena.nonce)
-        prefaulter = reader._prefaulter
-        reader.close()  # would unmap under a running madvise were it not joined
-        assert not prefaulter.is_alive()
+        address = np.frombuffer(reader._view, np.uint8).ctypes.data
+        # Read faults map neighbours too (fault-around: up to 64 KiB on either side).
+        slack = 128 << 10
+
+        def grew_by(before: int, want: int) -> bool:
+            return want <= _resident_bytes(address) - before <= want + slack
+
+        start = _resident_bytes(address)  # the header page, and its fault-around
+        assert start <= slack
+        reader.view(Extent(12 << 20, 1 << 20))  # inside the slice [12, 16) MiB
+        assert grew_by(start, 4 << 20)
+        after_one = _resident_bytes(address)
+        reader.view(Extent(13 << 20, 2 << 20))  # the same slice again: nothing new
+        assert _resident_bytes(address) == after_one
+        reader.view(Extent((16 << 20) - 64, 128))  # straddles two slices: one is new
+        assert grew_by(start, 8 << 20)
+        reader.close()
     finally:
         arena.close()
     assert not arena._prefaulter.is_alive()

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FOUNDATION = {"kvstore.errors", "kvstore._version", "kvstore.layout", "kvstore.keys",
               "kvstore._proto", "kvstore._frames", "kvstore.arena_file", "kvstore.arena_slots",
-              "kvstore._progress", "kvstore.device_checksum"}
+              "kvstore._progress", "kvstore.device_checksum", "kvstore.copy_threads"}
 # component -> the components it may import (besides itself). Read bottom-up: each
 # layer may use the ones above it in this table.
 ALLOWED: dict[str, set[str]] = {
@@ -33,6 +33,8 @@ ALLOWED: dict[str, set[str]] = {
     "kvstore.arena_slots": {"kvstore.errors", "kvstore.keys", "kvstore.arena_file"},
     "kvstore._progress": set(),  # progress bars on a terminal's stderr (rich)
     "kvstore.device_checksum": set(),  # the chunk checksum computed on CPU and GPU alike
+    # same-host copies and checksums split across cores (client put/get, daemon commit)
+    "kvstore.copy_threads": {"kvstore.errors"},
     # below the codec: configuration, model knowledge, Triton kernels
     "kvstore.config": {"kvstore.errors"},
     "kvstore.config_doc": {"kvstore.config"},  # the reference generated from the config

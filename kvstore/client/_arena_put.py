@@ -25,7 +25,6 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client import _local as local
 from kvstore.client._codec import encode_chunk
-from kvstore.client._copy_threads import CopyThreads
 from kvstore.client._plan import Offload, Plan, Unary
 from kvstore.client._protocol import PutPlan
 from kvstore.client._status import error_from_rpc
@@ -36,6 +35,7 @@ from kvstore.codec.format import (
     new_object_hasher,
     pack_header_prefix,
 )
+from kvstore.copy_threads import CopyThreads
 from kvstore.errors import CapacityExhausted, InvalidArgument, KVStoreError, PermissionDenied
 from kvstore.layout import KVLayout
 

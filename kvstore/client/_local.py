@@ -31,9 +31,9 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.arena_file import ArenaReader, Extent, host_boot_id
 from kvstore.client._codec import decode_kvq_into
-from kvstore.client._copy_threads import CopyThreads
 from kvstore.client._tensors import NUMPY_STORAGE, from_storage, is_torch_tensor, to_storage
 from kvstore.codec.format import HEADER_BYTES, CodecId, new_object_hasher, read_header
+from kvstore.copy_threads import CopyThreads
 from kvstore.errors import Corrupt, InvalidArgument, NotFound
 from kvstore.layout import KVLayout
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvstore.client._copy_threads import MIN_SPLIT_BYTES, CopyThreads, default_copy_threads
+from kvstore.copy_threads import MIN_SPLIT_BYTES, CopyThreads, default_copy_threads
 from kvstore.errors import Corrupt, InvalidArgument
 
 

@@ -1,4 +1,7 @@
-"""Same-host copies split across CPU cores: whole objects per thread, the caller's included.
+"""Same-host copies and checksums split across CPU cores: whole objects per thread.
+
+Used by the client's same-host get and put (copy + hash of each chunk) and by the
+daemon's CommitExtents (the hash of each chunk a client wrote into the arena).
 
 Why: a verified copy is a memory-bound copy followed by a CPU-bound hash (xxhash's
 XXH3 runs at ~11-16 GB/s here: the wheel is built for baseline x86-64, SSE2), so
