@@ -313,13 +313,29 @@ class ArenaReader:
             raise Corrupt(f"arena {path} is {self._view.nbytes} bytes, its header says "
                           f"{HEADER_BYTES + data_bytes} (truncated)")
         self.nonce = found
-        # Slices of the mapping already faulted in (see ``view``). A client faults in
-        # only what it touches: prefaulting a whole arena of many GB in the
-        # background took a core (and, through mmap.madvise, the GIL) from the
-        # inference process for seconds, for pages it may never read.
+        # Slices of the mapping already faulted in (see ``_populate``): a view faults
+        # in the slices it reaches first, and a background thread at the lowest CPU
+        # priority does the rest. Prefaulting a multi-GB arena at normal priority
+        # (and, through mmap.madvise, with the GIL held) took a core and the GIL
+        # from the inference process for seconds.
         self._writable = writable
         self._populated = bytearray(-(-self._view.nbytes // _PREFAULT_SLICE))
         self._can_populate = True
+        self._stop_prefault = threading.Event()
+        self._prefaulter = threading.Thread(target=self._prefault_idle,
+                                            name="kvstore-arena-client-prefault", daemon=True)
+        self._prefaulter.start()
+
+    def _prefault_idle(self) -> None:
+        """Fault in every slice not touched yet, on a thread at nice 19 (idle CPU only)."""
+        try:  # Linux: the priority of this thread alone
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass
+        for index in range(len(self._populated)):
+            if self._stop_prefault.is_set() or not self._can_populate:
+                return
+            self._populate_slice(index)
 
     @staticmethod
     def _map_checked(fd: int, path: str, prot: int) -> mmap.mmap:
@@ -362,17 +378,24 @@ class ArenaReader:
 
         One MADV_POPULATE call per 4 MiB slice (GIL released) instead of a fault per
         page (per 4 KiB written, or 64 KiB read) during the copy: paid once per slice,
-        by the first get or put that reaches it.
+        by the first get or put that reaches it before the background prefault does.
         """
         for index in range(start // _PREFAULT_SLICE, (end - 1) // _PREFAULT_SLICE + 1):
-            if not self._can_populate or self._populated[index]:
-                continue
-            self._populated[index] = 1  # first: a racing thread faults pages as usual
-            offset = index * _PREFAULT_SLICE
-            self._can_populate = populate(self._map, offset, min(
-                _PREFAULT_SLICE, self._view.nbytes - offset), writable=self._writable)
+            self._populate_slice(index)
+
+    def _populate_slice(self, index: int) -> None:
+        if not self._can_populate or self._populated[index]:
+            return
+        self._populated[index] = 1  # first: a racing thread faults pages as usual
+        offset = index * _PREFAULT_SLICE
+        self._can_populate = populate(self._map, offset, min(
+            _PREFAULT_SLICE, self._view.nbytes - offset), writable=self._writable)
 
     def close(self) -> None:
+        prefaulter = getattr(self, "_prefaulter", None)  # absent when __init__ failed
+        if prefaulter is not None:
+            self._stop_prefault.set()
+            prefaulter.join()  # at most one slice (a few ms) away from returning
         self._view.release()
         try:
             self._map.close()

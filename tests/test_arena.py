@@ -293,13 +293,15 @@ def test_prefault_maps_every_page_with_the_gil_released(tmp_path) -> None:
         os.unlink(path)
 
 
-def test_a_reader_faults_in_only_the_slices_it_views() -> None:
+def test_a_reader_faults_in_the_slices_it_views_before_its_idle_prefault_does() -> None:
     import numpy as np
 
-    arena = Arena(64 << 20)
+    arena = Arena(256 << 20)
     try:
-        assert arena.prefaulted.wait(30)
+        assert arena.prefaulted.wait(30)  # the daemon's own mapping is another VMA
         reader = ArenaReader(arena.path, nonce=arena.nonce)
+        reader._stop_prefault.set()  # stop the background prefault where it got to
+        reader._prefaulter.join()
         address = np.frombuffer(reader._view, np.uint8).ctypes.data
         # Read faults map neighbours too (fault-around: up to 64 KiB on either side).
         slack = 128 << 10
@@ -307,16 +309,26 @@ def test_a_reader_faults_in_only_the_slices_it_views() -> None:
         def grew_by(before: int, want: int) -> bool:
             return want <= _resident_bytes(address) - before <= want + slack
 
-        start = _resident_bytes(address)  # the header page, and its fault-around
-        assert start <= slack
-        reader.view(Extent(12 << 20, 1 << 20))  # inside the slice [12, 16) MiB
+        start = _resident_bytes(address)
+        assert start <= 4096 + (4 << 20) * sum(reader._populated) + slack
+        first = reader._populated.index(0) + 1  # two untouched slices: first, first + 1
+        assert not reader._populated[first]
+        slice_start = first * (4 << 20)
+        reader.view(Extent(slice_start + (1 << 20), 1 << 20))
         assert grew_by(start, 4 << 20)
         after_one = _resident_bytes(address)
-        reader.view(Extent(13 << 20, 2 << 20))  # the same slice again: nothing new
+        reader.view(Extent(slice_start + (2 << 20), 2 << 20))  # same slice: nothing new
         assert _resident_bytes(address) == after_one
-        reader.view(Extent((16 << 20) - 64, 128))  # straddles two slices: one is new
+        reader.view(Extent(slice_start + (4 << 20) - 64, 128))  # straddles: one is new
         assert grew_by(start, 8 << 20)
         reader.close()
+
+        whole = ArenaReader(arena.path, nonce=arena.nonce)  # left to its idle prefault
+        whole._prefaulter.join(60)
+        address = np.frombuffer(whole._view, np.uint8).ctypes.data
+        assert _resident_bytes(address) >= whole.nbytes - slack
+        whole.close()
+        assert not whole._prefaulter.is_alive()
     finally:
         arena.close()
     assert not arena._prefaulter.is_alive()
