@@ -1,13 +1,17 @@
 """The worker half of the vLLM connector: layer-wise loads and in-step saves (no vLLM import).
 
-One step: ``start_step`` starts a loader thread per step that streams each
-request's stored prefix with ``Client.get_layers`` and writes every layer into
-its blocks as it arrives; ``wait_for_layer`` blocks the forward pass only on the
-layer it is about to use; ``save_layer`` copies the prompt chunks of requests
-that complete their prompt this step out of the blocks; ``end_step`` joins the
-loads (so failures are reported in this step) and hands the copied chunks to a
-saver thread. Nothing here raises into the engine: failures become block load
-errors (loads) or a log line and a counter (saves).
+One step: ``start_step`` hands each request's load to a loader thread that
+writes the stored prefix into its blocks layer by layer. On the daemon's host it
+reads the chunks in place (``Client.view``: lease-pinned views of the daemon's
+arena) and copies each layer straight into the blocks, hashing it right before
+(the checksums complete with the last layer); elsewhere, or for compressed
+chunks, it streams them with ``Client.get_layers``. ``wait_for_layer`` blocks
+the forward pass only on the layer it is about to use; ``save_layer`` copies
+the prompt chunks of requests that complete their prompt this step out of the
+blocks; ``end_step`` joins the loads (so failures are reported in this step)
+and hands the copied chunks to a saver thread. Nothing here raises into the
+engine: failures become block load errors (loads) or a log line and a counter
+(saves).
 """
 
 from __future__ import annotations
@@ -18,19 +22,27 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvstore.client import Client
+from kvstore.errors import Corrupt, InvalidArgument, NotFound, PermissionDenied
 from kvstore.integrations._paged import (
     TORCH_DTYPES,
     Slots,
+    chunk_slots,
     gather_layer,
+    scatter_chunk_layer,
     scatter_layer,
     slots_of,
+    storage_view,
 )
 from kvstore.layout import KVLayout
+
+if TYPE_CHECKING:
+    from kvstore.client._view import ArenaView
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +98,7 @@ class Worker:
         self._layer_index = {name: i for i, name in enumerate(layer_names)}
         self._layer_names = layer_names
         self._paged: list[torch.Tensor] = []
+        self._paged_np: list[np.ndarray | None] = []  # storage views of CPU blocks
         self._load_client, self._save_client = make_client(), make_client()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-load")
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-save")
@@ -97,9 +110,14 @@ class Worker:
         self._lock = threading.Lock()  # _pending_saves, counters
         self.num_saves_dropped = 0
         self.num_saves_failed = 0
+        self.num_loads_in_place = 0  # loads read in place from the daemon's arena
+        self.num_loads_streamed = 0  # loads streamed with get_layers
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._paged = [kv_caches[name] for name in self._layer_names]
+        dim = self.layout.head_dim
+        self._paged_np = [storage_view(t.unflatten(-1, (2, dim))) if t.device.type == "cpu"
+                          else None for t in self._paged]
 
     # ------------------------------------------------------------------ loads
 
@@ -130,30 +148,93 @@ class Worker:
             self._saves.append(_Save(spec, slots, staging))
 
     def _run_load(self, load: _Load) -> None:
-        spec, num_layers = load.spec, 0
         try:
-            # Streamed, or copied out of the daemon's arena on the same host. ZERO-COPY
-            # SWITCH POINT: Client.get(out=...) (same host) could read into staging here.
-            for layer, kv in self._load_client.get_layers(spec.tokens):
-                num_got = kv.shape[2]
-                with load.lock:
-                    if load.first_bad is not None:
-                        return  # cancelled by a timeout: the blocks belong to vLLM again
-                    if num_got < spec.end:
-                        self._fail(load, num_got, f"only {num_got} tokens stored")
-                        return
-                    scatter_layer(self._paged[layer], kv, load.slots)
-                load.events[layer].set()
-                num_layers += 1
-            if num_layers < len(self._paged):
-                with load.lock:
-                    self._fail(load, spec.start, "nothing stored")
+            if self._load_client.may_view() and self._load_in_place(load):
+                return
+            self._load_streamed(load)
         except Exception as exc:  # dead daemon, corrupt chunk, deadline: recompute
             with load.lock:
-                self._fail(load, spec.start, repr(exc))
+                self._fail(load, load.spec.start, repr(exc))
         finally:
             for event in load.events:
                 event.set()
+
+    def _load_in_place(self, load: _Load) -> bool:
+        """Load from the daemon's arena; False when the streamed path must do it."""
+        spec = load.spec
+        try:
+            view = self._load_client.view(spec.tokens, verify=False, ttl_s=self.timeout_s)
+        except (PermissionDenied, NotFound) as exc:  # not the daemon's host after all
+            log.info("kvstore loads stream: the daemon's arena is not usable here (%s)", exc)
+            return False
+        except (InvalidArgument, Corrupt) as exc:  # compressed chunks, a bad header
+            log.info("kvstore load of request %s streams: %s", spec.req_id, exc)
+            return False
+        with view:
+            num_stored = view.lease.num_chunks_stored * self.layout.chunk_tokens
+            end = max(spec.start, min(spec.end, num_stored))  # less: evicted since the lookup
+            if view.num_tokens < end:
+                return False  # some chunks live below DRAM: the daemon's Get reads them
+            self.num_loads_in_place += 1
+            if not self._scatter_in_place(load, view, end):
+                return True
+        if end < spec.end:  # the stored run is loaded; vLLM recomputes from its end
+            with load.lock:
+                self._fail(load, end, f"only {num_stored} tokens stored")
+        return True
+
+    def _scatter_in_place(self, load: _Load, view: ArenaView, end: int) -> bool:
+        """Copy tokens ``[start, end)`` from the arena into the blocks, layer after layer;
+        False when the load failed (or was cancelled) on the way.
+
+        Layer l's event is set once it is in the blocks; each chunk's checksum is fed
+        right before each of its layers is copied and checked after the last one. A
+        mismatch fails the load from that chunk's first token within this step, and
+        vLLM drops this step's output of a request whose load failed, so bytes read
+        before the check can only be recomputed, never kept.
+        """
+        spec, per_chunk = load.spec, self.layout.chunk_tokens
+        plans = chunk_slots(spec.block_ids, self.block_size, spec.start, end, per_chunk)
+        checksums = [view.checksum(c) for c, _ in plans]
+        staging = torch.empty(self.layout.shape(per_chunk)[1:],  # [2, heads, T, dim]
+                              dtype=TORCH_DTYPES[self.layout.dtype])
+        for layer, paged in enumerate(self._paged):
+            with load.lock:
+                if load.first_bad is not None:
+                    return False  # cancelled by a timeout: the blocks belong to vLLM again
+                for (c, slots), checksum in zip(plans, checksums, strict=True):
+                    checksum.update(layer)
+                    scatter_chunk_layer(paged, self._paged_np[layer], view.chunks[c][layer],
+                                        slots, c * per_chunk, staging)
+            load.events[layer].set()
+        for (c, _), checksum in zip(plans, checksums, strict=True):
+            try:
+                checksum.check()
+            except Corrupt as exc:
+                with load.lock:
+                    self._fail(load, c * per_chunk, str(exc))
+                return False
+        return True
+
+    def _load_streamed(self, load: _Load) -> None:
+        spec, num_layers, slots = load.spec, 0, load.slots
+        self.num_loads_streamed += 1
+        for layer, kv in self._load_client.get_layers(spec.tokens):
+            num_got = kv.shape[2]
+            if num_got < spec.end and slots is load.slots:  # evicted since the lookup
+                slots = slots_of(spec.block_ids, self.block_size, spec.start,
+                                 max(spec.start, num_got), self._paged[layer].device)
+            with load.lock:
+                if load.first_bad is not None:
+                    return  # cancelled by a timeout: the blocks belong to vLLM again
+                scatter_layer(self._paged[layer], kv, slots)
+            load.events[layer].set()
+            num_layers += 1
+        with load.lock:
+            if num_layers < len(self._paged):
+                self._fail(load, spec.start, "nothing stored")
+            elif slots is not load.slots:  # the stored run is loaded; vLLM recomputes the rest
+                self._fail(load, slots.end, f"only {slots.end} tokens stored")
 
     def _fail(self, load: _Load, first_bad: int, why: str) -> None:
         """Report the blocks of tokens ``[first_bad, end)``; caller holds ``load.lock``."""
