@@ -119,27 +119,47 @@ def storage_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def scatter_chunk_layer(paged: torch.Tensor, paged_np: np.ndarray | None, chunk: np.ndarray,
-                        slots: Slots, first_token: int, staging: torch.Tensor) -> None:
-    """Write one layer of a stored chunk, read in place, into the blocks (one copy).
+@dataclass(frozen=True, slots=True)
+class ChunkCopy:
+    """How one stored chunk, read in place, goes into the blocks (planned once per load).
 
-    ``chunk`` is the layer as kvstore stores it, ``[2, heads, T, dim]`` in storage
-    dtype, holding the request's tokens from ``first_token``; ``paged_np`` is
-    ``storage_view(paged.unflatten(-1, (2, dim)))`` for CPU blocks, else None.
-    Whole blocks on the CPU go straight from ``chunk`` with one indexed numpy copy
-    per chunk (numpy's strided copy runs about 4x torch's ``index_copy_`` on this
-    pattern, and drops the GIL); anything else is copied into ``staging`` (a
-    ``[2, heads, T, dim]`` CPU tensor) and scattered from there.
+    Whole blocks on the CPU go straight from the chunk with one indexed numpy copy
+    per layer (numpy's strided copy runs about 4x torch's ``index_copy_`` on this
+    pattern, and drops the GIL); anything else (a partial block, blocks on a
+    device) is copied into a staging tensor and scattered from there.
     """
-    if paged_np is not None and not len(slots.tail_blocks):
-        heads, dim, bs = chunk.shape[1], chunk.shape[-1], slots.block_size
-        num_whole, lo = len(slots.whole_blocks), slots.start - first_token
-        # [2, heads, w * bs, dim] -> [w, heads, bs, 2, dim], the rows of paged_np[blocks]
-        src = chunk[:, :, lo:lo + num_whole * bs].reshape(2, heads, num_whole, bs, dim)
-        paged_np[slots.whole_blocks.numpy()] = src.transpose(2, 1, 3, 0, 4)
+
+    index: int  # the chunk's position in the stored prefix
+    slots: Slots  # the request tokens it writes
+    first_token: int  # the request token held by the chunk's first row
+    rows: np.ndarray | None  # [layers, w, heads, bs, 2, dim] view of the chunk, or None
+    blocks: np.ndarray | None  # [w] int64 block ids the rows go to
+
+
+def plan_chunk_copy(index: int, chunk: np.ndarray, slots: Slots, first_token: int,
+                    is_cpu: bool) -> ChunkCopy:
+    """Plan the copy of ``chunk`` ([layers, 2, heads, T, dim], storage dtype)."""
+    if not is_cpu or len(slots.tail_blocks):
+        return ChunkCopy(index, slots, first_token, None, None)
+    layers, _, heads, _, dim = chunk.shape
+    num_whole, lo = len(slots.whole_blocks), slots.start - first_token
+    rows = chunk[:, :, :, lo:lo + num_whole * slots.block_size].reshape(
+        layers, 2, heads, num_whole, slots.block_size, dim).transpose(0, 3, 2, 4, 1, 5)
+    return ChunkCopy(index, slots, first_token, rows, slots.whole_blocks.numpy())
+
+
+def copy_chunk_layer(copy: ChunkCopy, layer: int, chunk: np.ndarray, paged: torch.Tensor,
+                     paged_np: np.ndarray | None, staging: torch.Tensor) -> None:
+    """Write ``layer`` of a planned chunk into the blocks.
+
+    ``paged_np`` is ``storage_view(paged.unflatten(-1, (2, dim)))`` for CPU blocks;
+    ``staging`` a ``[2, heads, T, dim]`` CPU tensor for the other path.
+    """
+    if copy.rows is not None:
+        paged_np[copy.blocks] = copy.rows[layer]
         return
-    np.copyto(storage_view(staging), chunk)
-    scatter_layer(paged, staging, slots, first_token)
+    np.copyto(storage_view(staging), chunk[layer])
+    scatter_layer(paged, staging, copy.slots, copy.first_token)
 
 
 def gather_layer(paged: torch.Tensor, slots: Slots, out: torch.Tensor) -> None:

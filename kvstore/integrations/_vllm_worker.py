@@ -33,8 +33,9 @@ from kvstore.integrations._paged import (
     TORCH_DTYPES,
     Slots,
     chunk_slots,
+    copy_chunk_layer,
     gather_layer,
-    scatter_chunk_layer,
+    plan_chunk_copy,
     scatter_layer,
     slots_of,
     storage_view,
@@ -194,25 +195,28 @@ class Worker:
         before the check can only be recomputed, never kept.
         """
         spec, per_chunk = load.spec, self.layout.chunk_tokens
-        plans = chunk_slots(spec.block_ids, self.block_size, spec.start, end, per_chunk)
-        checksums = [view.checksum(c) for c, _ in plans]
+        is_cpu = bool(self._paged_np) and self._paged_np[0] is not None
+        plans = [plan_chunk_copy(c, view.chunks[c], slots, c * per_chunk, is_cpu)
+                 for c, slots in chunk_slots(spec.block_ids, self.block_size, spec.start,
+                                             end, per_chunk)]
+        checksums = [view.checksum(plan.index) for plan in plans]
         staging = torch.empty(self.layout.shape(per_chunk)[1:],  # [2, heads, T, dim]
                               dtype=TORCH_DTYPES[self.layout.dtype])
         for layer, paged in enumerate(self._paged):
             with load.lock:
                 if load.first_bad is not None:
                     return False  # cancelled by a timeout: the blocks belong to vLLM again
-                for (c, slots), checksum in zip(plans, checksums, strict=True):
+                for plan, checksum in zip(plans, checksums, strict=True):
                     checksum.update(layer)
-                    scatter_chunk_layer(paged, self._paged_np[layer], view.chunks[c][layer],
-                                        slots, c * per_chunk, staging)
+                    copy_chunk_layer(plan, layer, view.chunks[plan.index], paged,
+                                     self._paged_np[layer], staging)
             load.events[layer].set()
-        for (c, _), checksum in zip(plans, checksums, strict=True):
+        for plan, checksum in zip(plans, checksums, strict=True):
             try:
                 checksum.check()
             except Corrupt as exc:
                 with load.lock:
-                    self._fail(load, c * per_chunk, str(exc))
+                    self._fail(load, plan.index * per_chunk, str(exc))
                 return False
         return True
 
