@@ -198,7 +198,7 @@ class Worker:
         is_cpu = bool(self._paged_np) and self._paged_np[0] is not None
         plans = [plan_chunk_copy(c, view.chunks[c], slots, c * per_chunk, is_cpu)
                  for c, slots in chunk_slots(spec.block_ids, self.block_size, spec.start,
-                                             end, per_chunk)]
+                                             end, per_chunk, self._paged[0].device)]
         checksums = [view.checksum(plan.index) for plan in plans]
         staging = torch.empty(self.layout.shape(per_chunk)[1:],  # [2, heads, T, dim]
                               dtype=TORCH_DTYPES[self.layout.dtype])
