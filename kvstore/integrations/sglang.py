@@ -20,8 +20,9 @@ Decisions (docs/design.md, "Engine connectors"):
 - On the daemon's host ``batch_get_v1`` reads each page in place (``Client.view``:
   a lease-pinned view of the daemon's arena) and copies it layer by layer
   straight into the host pool, hashing each layer right before it is copied; a
-  page that fails its checksum is a miss (SGLang ignores what was written into a
-  page it is told was not loaded). Elsewhere, and for compressed pages, it streams.
+  page that fails its checksum is read again through the daemon's Get, which
+  verifies it and serves an intact lower-tier copy or a miss. Elsewhere, and for
+  compressed pages, it streams.
 - Misses and failures are results here, as SGLang expects: a failed get is
   False for that page and every later one (SGLang uses only the leading run); a
   dead daemon makes ``batch_exists`` answer 0, so SGLang recomputes.
@@ -183,10 +184,14 @@ class KVStoreHiCache(HiCacheStorage):
                 np.copyto(dst[layer], src[layer])
             try:
                 checksum.check()
-            except Corrupt as exc:  # what was written is ignored: the page is a miss
+            except Corrupt as exc:
+                # Streamed, the daemon verifies its copy, drops it and serves the page
+                # from a lower tier if one holds it intact, else a miss; what was
+                # written here is overwritten or, on a miss, ignored by SGLang.
                 self.num_failures += 1
-                log.warning("kvstore page %s is corrupt in the arena: %s", key, exc)
-                return False
+                log.warning("kvstore page %s is corrupt in the arena (%s); streaming it",
+                            key, exc)
+                return None
         self.num_pages_got += 1
         self.num_pages_in_place += 1
         return True

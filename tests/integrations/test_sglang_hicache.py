@@ -147,24 +147,30 @@ def test_batch_set_v1_then_batch_get_v1_into_another_pool_is_bit_exact(daemon, l
 
 
 @pytest.mark.parametrize("layout", ["layer_first", "page_first"])
-def test_a_page_corrupt_in_the_arena_is_a_miss_that_ends_the_run(server, layout):
-    source, target = make_pool(layout), make_pool(layout)
-    writer, reader = make_backend(server.address, source), make_backend(server.address, target)
+def test_a_page_corrupt_in_the_arena_never_loads_wrong_bytes(server, layout):
+    source = make_pool(layout)
+    writer = make_backend(server.address, source)
     keys = page_keys(3, salt=f"corrupt-{layout}")
     slots = fill_pages(source, 3, seed=8)
+    want = canonical_pages(writer, slots)
     assert all(writer.batch_set_v1(keys, slots))
-    with reader._client.lease(page_tokens(keys[1], PAGE), position_free=True) as lease:
+    with writer._client.lease(page_tokens(keys[1], PAGE), position_free=True) as lease:
         extent = lease.extents[0]
     server.engine.dram._arena._view[extent.offset + extent.length - 3] ^= 0x01
-    target_slots = target.alloc(3 * PAGE)
-    assert reader.batch_get_v1(keys, target_slots) == [True, False, False]
-    stats = reader.get_stats()
-    assert (stats["pages_in_place"], stats["failures"]) == (1, 1)
-    assert torch.equal(canonical_pages(reader, target_slots)[0],
-                       canonical_pages(writer, slots)[0])
-    streamed = make_backend(server.address, make_pool(layout), transport="stream")
-    got = streamed.batch_get_v1(keys, streamed.mem_pool_host.alloc(3 * PAGE))
-    assert got == [True, False, False] and streamed.get_stats()["pages_in_place"] == 0
+    for transport in ("auto", "stream"):
+        reader = make_backend(server.address, make_pool(layout), transport=transport)
+        target_slots = reader.mem_pool_host.alloc(3 * PAGE)
+        got = reader.batch_get_v1(keys, target_slots)
+        # Page 1 is read again through the daemon's Get, which drops the bad DRAM copy
+        # and serves the disk tier's copy if the write-back reached it, else a miss.
+        assert got in ([True, True, True], [True, False, False]), got
+        pages = canonical_pages(reader, target_slots)
+        for i in range(got.count(True)):
+            assert torch.equal(pages[i], want[i])  # never a wrong byte
+        stats = reader.get_stats()
+        # In place: every page got but the corrupt one (streamed after its check failed).
+        in_place = got.count(True) - got[1] if transport == "auto" else 0
+        assert (stats["pages_in_place"], stats["failures"]) == (in_place, transport == "auto")
     assert server.engine.dram.stats().info["leases"] == "0"
 
 
