@@ -78,6 +78,9 @@ class _Load:
     lock: threading.Lock = field(default_factory=threading.Lock)  # scatter vs cancel
     first_bad: int | None = None  # first token not loaded; None while all is well
     future: Future[None] | None = None
+    # set once the outcome is final (the blocks written or the failure reported); an
+    # in-place load sets it before it releases its lease, which then costs the step nothing
+    finished: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(slots=True)
@@ -157,8 +160,13 @@ class Worker:
             with load.lock:
                 self._fail(load, load.spec.start, repr(exc))
         finally:
-            for event in load.events:
-                event.set()
+            self._finish(load)
+
+    @staticmethod
+    def _finish(load: _Load) -> None:
+        for event in load.events:
+            event.set()
+        load.finished.set()
 
     def _load_in_place(self, load: _Load) -> bool:
         """Load from the daemon's arena; False when the streamed path must do it."""
@@ -177,11 +185,10 @@ class Worker:
             if view.num_tokens < end:
                 return False  # some chunks live below DRAM: the daemon's Get reads them
             self.num_loads_in_place += 1
-            if not self._scatter_in_place(load, view, end):
-                return True
-        if end < spec.end:  # the stored run is loaded; vLLM recomputes from its end
-            with load.lock:
-                self._fail(load, end, f"only {num_stored} tokens stored")
+            if self._scatter_in_place(load, view, end) and end < spec.end:
+                with load.lock:  # the stored run is loaded; vLLM recomputes from its end
+                    self._fail(load, end, f"only {num_stored} tokens stored")
+            self._finish(load)  # the step goes on while the lease is released
         return True
 
     def _scatter_in_place(self, load: _Load, view: ArenaView, end: int) -> bool:
@@ -276,10 +283,9 @@ class Worker:
         """Join this step's loads, then queue its saves; never raises."""
         failed = set()
         for load in self._loads:
-            try:
-                if load.future is not None:
-                    load.future.result(timeout=max(0.0, self._deadline - time.monotonic()))
-            except Exception:  # the loader caught its own errors: this is the timeout
+            # The loader catches its own errors: not finishing in time is the only failure.
+            if load.future is not None and not load.finished.wait(
+                    max(0.0, self._deadline - time.monotonic())):
                 with load.lock:
                     self._fail(load, load.spec.start, "timed out")
             if load.first_bad is not None:
