@@ -4,13 +4,20 @@ For each model shape and prefix length N, with the prefix stored in a daemon on
 this host (arena transport, as in a vLLM pod):
 
 - ``copy_s``: one torch copy of the same bytes (canonical -> canonical), the floor;
-- ``get_s``: ``Client.get(tokens)`` of the prefix (same bytes, one contiguous tensor);
+- ``get_s``: ``Client.get(tokens)`` of the prefix (same bytes, one new contiguous tensor);
+- ``get_out_s``: ``Client.get(tokens, out=buffer)`` into a buffer allocated once (on
+  this host: one copy out of the arena, nothing allocated);
 - ``connector_s``: the worker-side connector's load of tokens [0, N) into shuffled
   paged blocks ([blocks, heads, 16, 2 * dim]): start_load_kv, wait_for_layer_load
-  per layer, wait_for_save; ``connector_over_get`` = connector_s / get_s.
+  per layer, wait_for_save; on this host it reads the chunks in place
+  (``in_place`` says whether it did); ``connector_over_get`` = connector_s / get_s,
+  ``connector_over_get_out`` = connector_s / get_out_s.
 
-Then the scheduler-side lookup: ``get_num_new_matched_tokens`` of a stored prompt
-(each call a new request, so each is a real daemon Lookup), p50/p99 in ms.
+Then the scheduler-side lookup of a stored prompt, each time a new request (so a
+real daemon Lookup): ``on_new_request`` then ``get_num_new_matched_tokens``, asked
+again after 0.5 ms while it answers None. ``call`` is the time one call holds
+the scheduler, ``blocked`` the scheduler's time inside the connector per request
+(all its calls), ``answer`` the time from arrival to the answer; the baseline is a plain ``Client.lookup`` of the same prompt, interleaved.
 The GPU part (paged blocks on the device: load and save GB/s) runs only with CUDA.
 
     python bench/bench_connectors.py --shapes smollm2,llama3-8b \
@@ -95,17 +102,20 @@ def _bench_load(address: str, name: str, layout: KVLayout, num_tokens: int,
     spec = LoadSpec("r", tokens, block_ids, 0, num_tokens)
     with Client(address, _namespace(layout), layout, timeout_s=120) as client:
         client.put(tokens, kv)
-        dst = torch.empty_like(kv)
+        dst, out = torch.empty_like(kv), torch.empty_like(kv)
         paged = _paged(layout, num_blocks, "cpu")
         worker = _worker(address, layout, paged)
         try:
             best = _best_interleaved({
                 "copy_s": lambda: dst.copy_(kv),
                 "get_s": lambda: client.get(tokens),
+                "get_out_s": lambda: client.get(tokens, out=out),
                 "connector_s": lambda: _load(worker, spec),
             }, repeat)
+            in_place = worker.num_loads_streamed == 0
         finally:
             worker.close()
+        assert torch.equal(out, kv)
         got = torch.stack([paged[f"layer.{i}"][block_ids[0], :, :, :layout.head_dim]
                            for i in range(layout.num_layers)])
         assert torch.equal(got, kv[:, 0, :, :BLOCK_SIZE])  # the load really landed
@@ -113,7 +123,9 @@ def _bench_load(address: str, name: str, layout: KVLayout, num_tokens: int,
     gb = kv.numel() * 2 / 1e9
     emit("connectors", "load", shape=name, tokens=num_tokens, gb=round(gb, 3),
          **{k: round(v, 5) for k, v in best.items()},
+         in_place=in_place,
          connector_over_get=round(best["connector_s"] / best["get_s"], 3),
+         connector_over_get_out=round(best["connector_s"] / best["get_out_s"], 3),
          connector_gb_s=round(gb / best["connector_s"], 2),
          get_gb_s=round(gb / best["get_s"], 2), copy_gb_s=round(gb / best["copy_s"], 2))
 
@@ -135,31 +147,45 @@ def _bench_lookup(address: str, num_calls: int) -> None:
     with Client(address, scheduler.namespace, scheduler.layout) as client:
         kv = torch.zeros(scheduler.layout.shape(2048), dtype=torch.float16)
         client.put(prompt, kv)
-    baseline = []  # the same Lookup straight through Client, in the same run
+    samples: dict[str, list[float]] = {"blocked": [], "call": [], "answer": [], "client": []}
+    nones = 0
     with Client(address, scheduler.namespace, scheduler.layout) as client:
         for i in range(num_calls + 20):
+            request = Request(f"r{i}", prompt, SamplingParams(max_tokens=1), None)
             start = time.perf_counter()
+            scheduler.on_new_request(request)  # back to back: nothing of the lookup is hidden
+            blocked = time.perf_counter() - start
+            while True:
+                ask = time.perf_counter()
+                answer = scheduler.get_num_new_matched_tokens(request, 0)
+                blocked += time.perf_counter() - ask
+                if i >= 20:
+                    samples["call"].append((time.perf_counter() - ask) * 1000)
+                if answer[0] is not None:
+                    break
+                nones += i >= 20
+                time.sleep(0.0005)  # vLLM would ask again next step
+            elapsed = time.perf_counter() - start
+            assert answer[0] == 2032, answer
+            scheduler.request_finished(request, [])
+            start = time.perf_counter()  # the same Lookup straight through Client
             assert client.lookup(prompt) == 2048
-            if i >= 20:
-                baseline.append((time.perf_counter() - start) * 1000)
-    samples = []
-    for i in range(num_calls + 20):
-        request = Request(f"r{i}", prompt, SamplingParams(max_tokens=1), None)
-        start = time.perf_counter()
-        scheduler.on_new_request(request)  # back to back: nothing of the lookup is hidden
-        while (answer := scheduler.get_num_new_matched_tokens(request, 0))[0] is None:
-            time.sleep(0.0005)  # vLLM would ask again next step
-        elapsed = time.perf_counter() - start
-        assert answer[0] == 2032, answer
-        scheduler.request_finished(request, [])
-        if i >= 20:  # warm-up
-            samples.append(elapsed * 1000)
+            plain = time.perf_counter() - start
+            if i >= 20:  # warm-up
+                for name, value in (("blocked", blocked), ("answer", elapsed),
+                                    ("client", plain)):
+                    samples[name].append(value * 1000)
     scheduler.shutdown()
+
+    def pct(name: str, q: int) -> float:
+        return round(float(np.percentile(samples[name], q)), 3)
+
     emit("connectors", "lookup", calls=num_calls, prompt_tokens=2048,
-         p50_ms=round(float(np.percentile(samples, 50)), 3),
-         p99_ms=round(float(np.percentile(samples, 99)), 3),
-         client_lookup_p50_ms=round(float(np.percentile(baseline, 50)), 3),
-         client_lookup_p99_ms=round(float(np.percentile(baseline, 99)), 3))
+         blocked_p50_ms=pct("blocked", 50), blocked_p99_ms=pct("blocked", 99),
+         call_p50_ms=pct("call", 50), call_p99_ms=pct("call", 99),
+         answer_p50_ms=pct("answer", 50), answer_p99_ms=pct("answer", 99),
+         client_lookup_p50_ms=pct("client", 50), client_lookup_p99_ms=pct("client", 99),
+         num_none_answers=nones)
 
 
 def _bench_gpu(address: str, repeat: int) -> None:

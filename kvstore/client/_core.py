@@ -302,6 +302,12 @@ class ClientCore:
         index = self._conns.order()[0]
         return (yield from self._lease(index, arr, position_free, ttl_s))
 
+    def may_view(self) -> bool:
+        """Whether ``view``/``lease`` can work from here (no RPC): the first daemon is on
+        a loopback address (or ``transport="arena"``) and has not refused the arena."""
+        index = self._conns.order()[0]
+        return self._local.wants(index, self._conns.addresses[index])
+
     def view(self, tokens: Any, *, position_free: bool = False, verify: bool = True,
              ttl_s: float | None = None) -> Plan[ArenaView]:
         """The leading stored chunks, read in place in the daemon's arena (same host only).

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.client._local import ArenaLease, NotRaw, _check_header
+from kvstore.client._local import _CHECKED_PREFIX, ArenaLease, NotRaw, _check_header
 from kvstore.client._tensors import NUMPY_STORAGE
-from kvstore.codec.format import HEADER_BYTES, verify_object
-from kvstore.errors import InvalidArgument
+from kvstore.codec.format import HEADER_BYTES, new_object_hasher, read_header, verify_object
+from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.layout import KVLayout
 
 
@@ -41,6 +41,11 @@ class ArenaView:
         """Check chunk ``index``'s checksum (for views opened with ``verify=False`` that
         check each chunk right before reading it, while it is in cache); raises Corrupt."""
         verify_object(self.objects[index])
+
+    def checksum(self, index: int) -> LayerChecksum:
+        """Chunk ``index``'s checksum fed layer by layer, for readers that copy it a layer
+        at a time (each layer hashed right before it is read, while it is in cache)."""
+        return LayerChecksum(self.objects[index], self.chunks[index], index)
 
     def release(self) -> Any:
         """Drop the views and end the lease (``AsyncClient``: returns an awaitable)."""
@@ -87,3 +92,39 @@ def open_view(lease: ArenaLease, layout: KVLayout, tokens_per_chunk: int,
         view.objects.append(obj)
         view.chunks.append(np.frombuffer(obj[table_end:], dtype=storage).reshape(shape))
     return view
+
+
+class LayerChecksum:
+    """The KVC1 checksum of one viewed chunk, computed as its layers are read in order.
+
+    ``update(layer)`` must be called for layers 0, 1, ... in turn (the object
+    stores them in that order, and the checksum is a stream hash over it);
+    ``check()`` after the last layer raises Corrupt unless the object is intact.
+    Nothing read before ``check()`` returns is known to be good.
+    """
+
+    def __init__(self, obj: memoryview, chunk: np.ndarray, index: int) -> None:
+        header = read_header(obj)
+        self._hasher = new_object_hasher(obj[:_CHECKED_PREFIX])
+        self._hasher.update(obj[HEADER_BYTES:HEADER_BYTES + 4 * header.num_sections])
+        self._expected = header.checksum
+        self._chunk = chunk  # [layers, 2, heads, T, dim]; each layer is contiguous
+        self._index = index
+        self._next_layer = 0
+
+    def update(self, layer: int) -> None:
+        if layer != self._next_layer:
+            raise InvalidArgument(f"chunk {self._index}: checksum fed layer {layer}, "
+                                  f"expected layer {self._next_layer} (layers go in order)")
+        self._hasher.update(self._chunk[layer])
+        self._next_layer += 1
+
+    def check(self) -> None:
+        """Raise Corrupt unless every layer was fed and the checksum matches."""
+        if self._next_layer != len(self._chunk):
+            raise InvalidArgument(f"chunk {self._index}: checksum fed {self._next_layer} of "
+                                  f"{len(self._chunk)} layers")
+        actual = self._hasher.intdigest()
+        if actual != self._expected:
+            raise Corrupt(f"arena chunk {self._index}: checksum {actual:#018x} of the bytes "
+                          f"read, object header says {self._expected:#018x}")

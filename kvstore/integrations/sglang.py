@@ -17,6 +17,12 @@ Decisions (docs/design.md, "Engine connectors"):
 - A page is stored in kvstore's canonical order ``[layers, 2, heads, page, dim]``
   whatever the host pool's layout, so ``layer_first`` and ``page_first`` servers
   share pages (SGLang's own backends store layout-specific bytes).
+- On the daemon's host ``batch_get_v1`` reads each page in place (``Client.view``:
+  a lease-pinned view of the daemon's arena) and copies it layer by layer
+  straight into the host pool, hashing each layer right before it is copied; a
+  page that fails its checksum is read again through the daemon's Get, which
+  verifies it and serves an intact lower-tier copy or a miss. Elsewhere, and for
+  compressed pages, it streams.
 - Misses and failures are results here, as SGLang expects: a failed get is
   False for that page and every later one (SGLang uses only the leading run); a
   dead daemon makes ``batch_exists`` answer 0, so SGLang recomputes.
@@ -33,8 +39,8 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 from kvstore.client import Client
-from kvstore.errors import InvalidArgument
-from kvstore.integrations._paged import DTYPE_NAMES
+from kvstore.errors import Corrupt, InvalidArgument, NotFound, PermissionDenied
+from kvstore.integrations._paged import DTYPE_NAMES, storage_view
 from kvstore.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,7 @@ class KVStoreHiCache(HiCacheStorage):
         self._client: Client | None = None
         self.mem_pool_host: Any = None
         self.num_pages_set = self.num_pages_got = self.num_failures = 0
+        self.num_pages_in_place = 0  # pages got in place from the daemon's arena
 
     # ------------------------------------------------------------------ registration
 
@@ -138,13 +145,56 @@ class KVStoreHiCache(HiCacheStorage):
         slots = self._page_slots(keys, host_indices)
         results = [False] * len(keys)
         for i, (key, slot) in enumerate(zip(keys, slots, strict=True)):
-            # ZERO-COPY SWITCH POINT: Client.get_chunk has no out= yet (Client.get has).
-            got = self._get(key)
-            if got is None:
+            if not self._get_into(key, self._page(slot)):
                 break  # SGLang uses only the leading run of hits
-            self._page(slot).copy_(got)
             results[i] = True
         return results
+
+    def _get_into(self, key: str, page: torch.Tensor) -> bool:
+        """Read page ``key`` into ``page`` (a host pool view); False on a miss."""
+        if self._client.may_view():
+            got = self._view_into(key, page)
+            if got is not None:
+                return got
+        got = self._get(key)
+        if got is None:
+            return False
+        page.copy_(got)
+        return True
+
+    def _view_into(self, key: str, page: torch.Tensor) -> bool | None:
+        """Copy page ``key`` out of the daemon's arena into ``page`` (one copy, each layer
+        hashed right before it is copied); None when it must be streamed."""
+        try:
+            view = self._client.view(self._tokens(key), position_free=True, verify=False)
+        except (PermissionDenied, NotFound, InvalidArgument, Corrupt) as exc:
+            log.info("kvstore page %s streams: %s", key, exc)  # other host, compressed
+            return None
+        except Exception as exc:  # dead daemon: a miss, SGLang recomputes
+            self.num_failures += 1
+            log.warning("kvstore get of page %s failed: %s", key, exc)
+            return False
+        with view:
+            if not view.chunks:
+                return None if view.lease.num_chunks_stored else False  # below DRAM / miss
+            dst, src = storage_view(page), view.chunks[0]  # [layers, 2, heads, page, dim]
+            checksum = view.checksum(0)
+            for layer in range(len(src)):
+                checksum.update(layer)
+                np.copyto(dst[layer], src[layer])
+            try:
+                checksum.check()
+            except Corrupt as exc:
+                # Streamed, the daemon verifies its copy, drops it and serves the page
+                # from a lower tier if one holds it intact, else a miss; what was
+                # written here is overwritten or, on a miss, ignored by SGLang.
+                self.num_failures += 1
+                log.warning("kvstore page %s is corrupt in the arena (%s); streaming it",
+                            key, exc)
+                return None
+        self.num_pages_got += 1
+        self.num_pages_in_place += 1
+        return True
 
     def _page_slots(self, keys: list[str], host_indices: torch.Tensor) -> list[int]:
         page = self.mem_pool_host.page_size
@@ -197,13 +247,10 @@ class KVStoreHiCache(HiCacheStorage):
     # ------------------------------------------------------------------ tensor API
 
     def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
-        got = self._get(key)
-        if got is None:
-            return None
         if target_location is None:
             target_location = self.mem_pool_host.get_dummy_flat_data_page()
-        self._flat_page(target_location).copy_(got)
-        return target_location
+        return target_location if self._get_into(key, self._flat_page(target_location)) \
+            else None
 
     def batch_get(self, keys: list[str], target_locations: Any = None,
                   target_sizes: Any = None) -> list[Any]:
@@ -225,7 +272,7 @@ class KVStoreHiCache(HiCacheStorage):
 
     def get_stats(self) -> dict[str, int]:
         return {"pages_set": self.num_pages_set, "pages_got": self.num_pages_got,
-                "failures": self.num_failures}
+                "pages_in_place": self.num_pages_in_place, "failures": self.num_failures}
 
     def close(self) -> None:
         if self._client is not None:

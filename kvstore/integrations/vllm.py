@@ -69,7 +69,10 @@ class KVStoreConnectorMetadata(KVConnectorMetadata):
 class _Tracked:
     """Scheduler-side state of one request."""
 
-    prompt: np.ndarray  # int32 prompt token ids
+    num_prompt_tokens: int
+    # int32 prompt token ids, converted on the lookup thread (not the scheduler's);
+    # set before the lookup's future completes, so before anything is planned
+    prompt: np.ndarray | None = None
     num_stored: int = 0  # tokens the daemon held at the last lookup
     load: tuple[int, int] | None = None  # tokens [start, end) to load in the next step
     block_ids: list[int] = field(default_factory=list)  # all the request's blocks
@@ -120,7 +123,8 @@ class KVStoreConnector(KVConnectorBase_V1):
     Extra config keys: ``address`` ("HOST:PORT" or a list, failover in order),
     ``namespace`` (default "<model>@<revision>"), ``chunk_tokens`` (256),
     ``timeout_s`` (10.0, each daemon call), ``lookup_wait_ms`` (how long
-    ``get_num_new_matched_tokens`` waits before answering None; 2.0),
+    ``get_num_new_matched_tokens`` waits before answering None; 0.8, so one call
+    holds the scheduler under 1 ms even when the daemon's Lookup takes longer),
     ``token``, ``transport`` ("auto").
     """
 
@@ -147,7 +151,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._worker = Worker(self.layout, self._layer_names, self._block_size, make_client,
                               timeout_s) if is_worker else None
         self._client = None if is_worker else make_client()
-        self._lookup_wait_s = float(extra("lookup_wait_ms", 2.0)) / 1000
+        self._lookup_wait_s = float(extra("lookup_wait_ms", 0.8)) / 1000
         self._lookups: dict[str, Future[int]] = {}
         self._lookup_pool = None if is_worker else ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="kvstore-lookup")
@@ -200,11 +204,12 @@ class KVStoreConnector(KVConnectorBase_V1):
         rid = request.request_id
         tracked = self._requests.get(rid)
         if tracked is None:
-            prompt = np.asarray(request.prompt_token_ids or [], dtype=np.int32)
-            tracked = self._requests[rid] = _Tracked(prompt)
+            token_ids = request.prompt_token_ids or []
+            tracked = self._requests[rid] = _Tracked(len(token_ids))
         future = self._lookups.get(rid)
         if future is None:
-            future = self._lookups[rid] = self._lookup_pool.submit(self._lookup, tracked.prompt)
+            future = self._lookups[rid] = self._lookup_pool.submit(
+                self._lookup, tracked, request.prompt_token_ids or [])
         return tracked, future
 
     def get_num_new_matched_tokens(self, request: Request,
@@ -218,15 +223,18 @@ class KVStoreConnector(KVConnectorBase_V1):
         finally:
             if future.done():
                 del self._lookups[rid]
-        hit = min(tracked.num_stored, len(tracked.prompt) - 1) // self._block_size \
+        hit = min(tracked.num_stored, tracked.num_prompt_tokens - 1) // self._block_size \
             * self._block_size
         num_new = max(0, hit - num_computed_tokens)
         tracked.load = (num_computed_tokens, hit) if num_new else None
         return num_new, False
 
-    def _lookup(self, prompt: np.ndarray) -> int:
+    def _lookup(self, tracked: _Tracked, token_ids: list[int]) -> int:
+        """On the lookup thread: the tokens stored of the request's prompt."""
+        if tracked.prompt is None:
+            tracked.prompt = np.asarray(token_ids, dtype=np.int32)
         try:
-            return self._client.lookup(prompt)
+            return self._client.lookup(tracked.prompt)
         except Exception as exc:  # a dead daemon is a miss, never a scheduler crash
             log.warning("kvstore lookup failed, treating it as a miss: %s", exc)
             return 0
@@ -272,6 +280,8 @@ class KVStoreConnector(KVConnectorBase_V1):
               meta: KVStoreConnectorMetadata) -> None:
         """Add this step's load and save of one request to ``meta``."""
         chunk = self.layout.chunk_tokens
+        if tracked.prompt is None:  # never looked up: nothing to load, nothing known to save
+            return
         if tracked.load is not None:
             start, end = tracked.load
             meta.loads.append(LoadSpec(rid, tracked.prompt[:-(-end // chunk) * chunk],

@@ -173,6 +173,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                                  position_free=position_free))
         return tokens, keys
 
+    def _lookup_tokens(self, namespace: Namespace, tokens: np.ndarray, position_free: bool
+                       ) -> tuple[list[ChunkKey], tuple[int, dict[str, int]]]:
+        keys = chunk_keys(namespace, tokens, position_free=position_free)
+        return keys, (self._engine.lookup(keys) if keys else (0, {}))
+
     def _namespace(self, request: Any, tenant: str | None) -> Namespace:
         """The request's namespace; a layout clash with the registered one is refused."""
         namespace = namespace_from_proto(request, tenant)
@@ -184,12 +189,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     @_rpc
     async def Lookup(self, request: pb.LookupRequest, context: Any, tenant: str | None):
         namespace = self._namespace(request, tenant)
-        tokens, keys = await self._keys(namespace, request.tokens_le_i32,
-                                        position_free=request.position_free)
-        per_chunk = tokens_per_chunk(namespace, tokens, position_free=request.position_free)
+        position_free = request.position_free
+        self._limits.check(namespace, len(request.tokens_le_i32) // 4,
+                           position_free=position_free)
+        tokens = tokens_from_bytes(request.tokens_le_i32, position_free=position_free)
+        per_chunk = tokens_per_chunk(namespace, tokens, position_free=position_free)
+        # One pool task hashes and looks up: a Lookup pays one thread hop, not two (the
+        # connectors' schedulers wait on it).
+        keys, (num, per_tier) = await self._run(self._lookup_tokens, namespace, tokens,
+                                                position_free)
         if not keys:
             return pb.LookupResponse(num_tokens=0)
-        num, per_tier = await self._run(self._engine.lookup, keys)
         self._counters.count_lookup(tenant, namespace.name, len(keys), num, per_tier)
         return pb.LookupResponse(
             num_tokens=num * per_chunk,

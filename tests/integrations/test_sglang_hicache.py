@@ -53,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the [engines] extra
     pytest.skip(f"sglang is not importable ({exc}); pip install -e '.[engines]' and "
                 "sglang --no-deps (README)", allow_module_level=True)
 
-from kvstore.integrations.sglang import KVStoreHiCache  # noqa: E402 - after the engine import guard
+from kvstore.integrations.sglang import KVStoreHiCache, page_tokens  # noqa: E402 - after the engine import guard
 from tests.integrations._daemon import DaemonProcess  # noqa: E402 - after the engine import guard
 from tests.redis_servers import free_port  # noqa: E402 - after the engine import guard
 
@@ -83,7 +83,8 @@ def make_pool(layout: str) -> MHATokenToKVPoolHost:
                                     start_layer=0, end_layer=LAYERS)
 
 
-def make_backend(address: str, pool: MHATokenToKVPoolHost, tp_rank: int = 0) -> HiCacheStorage:
+def make_backend(address: str, pool: MHATokenToKVPoolHost, tp_rank: int = 0,
+                 **extra: object) -> HiCacheStorage:
     """Built the way SGLang builds a dynamic backend, then given its host pool."""
     config = HiCacheStorageConfig(
         tp_rank=tp_rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
@@ -91,7 +92,7 @@ def make_backend(address: str, pool: MHATokenToKVPoolHost, tp_rank: int = 0) -> 
         is_page_first_layout=pool.layout == "page_first", model_name="org/tiny-llama",
         extra_config={"backend_name": "kvstore", "module_path": "kvstore.integrations.sglang",
                       "class_name": "KVStoreHiCache", "interface_v1": 1, "address": address,
-                      "timeout_s": 5.0})
+                      "timeout_s": 5.0, **extra})
     backend = StorageBackendFactory.create_backend("dynamic", config, pool)
     backend.register_mem_pool_host(pool)
     return backend
@@ -136,12 +137,41 @@ def test_batch_set_v1_then_batch_get_v1_into_another_pool_is_bit_exact(daemon, l
     target_slots = target.alloc(5 * PAGE)
     assert reader.batch_exists(keys) == 5
     assert reader.batch_get_v1(keys, target_slots) == [True] * 5
+    assert reader.get_stats()["pages_in_place"] == 5  # same host: read in place from the arena
     for want, got in zip(canonical_pages(writer, slots), canonical_pages(reader, target_slots),
                          strict=True):
         assert got.numpy().tobytes() == want.numpy().tobytes()
     # The pool's own page reader sees the same bytes (its layout, not ours).
     for s, t in zip(slots.view(-1, PAGE)[:, 0], target_slots.view(-1, PAGE)[:, 0], strict=True):
         assert torch.equal(target.get_data_page(int(t)), source.get_data_page(int(s)))
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def test_a_page_corrupt_in_the_arena_never_loads_wrong_bytes(server, layout):
+    source = make_pool(layout)
+    writer = make_backend(server.address, source)
+    keys = page_keys(3, salt=f"corrupt-{layout}")
+    slots = fill_pages(source, 3, seed=8)
+    want = canonical_pages(writer, slots)
+    assert all(writer.batch_set_v1(keys, slots))
+    with writer._client.lease(page_tokens(keys[1], PAGE), position_free=True) as lease:
+        extent = lease.extents[0]
+    server.engine.dram._arena._view[extent.offset + extent.length - 3] ^= 0x01
+    for transport in ("auto", "stream"):
+        reader = make_backend(server.address, make_pool(layout), transport=transport)
+        target_slots = reader.mem_pool_host.alloc(3 * PAGE)
+        got = reader.batch_get_v1(keys, target_slots)
+        # Page 1 is read again through the daemon's Get, which drops the bad DRAM copy
+        # and serves the disk tier's copy if the write-back reached it, else a miss.
+        assert got in ([True, True, True], [True, False, False]), got
+        pages = canonical_pages(reader, target_slots)
+        for i in range(got.count(True)):
+            assert torch.equal(pages[i], want[i])  # never a wrong byte
+        stats = reader.get_stats()
+        # In place: every page got but the corrupt one (streamed after its check failed).
+        in_place = got.count(True) - got[1] if transport == "auto" else 0
+        assert (stats["pages_in_place"], stats["failures"]) == (in_place, transport == "auto")
+    assert server.engine.dram.stats().info["leases"] == "0"
 
 
 def test_pages_are_shared_between_host_layouts(daemon):
