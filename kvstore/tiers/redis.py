@@ -33,6 +33,7 @@ from kvstore.config import MiB, RedisTierConfig
 from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import TierStats
+from kvstore.tiers.burst_log import BurstLog
 from kvstore.tiers.circuit import CircuitBreaker
 from kvstore.tiers.record import check_record, pack_record
 from kvstore.tiers.redis_nodes import (
@@ -120,6 +121,8 @@ class RedisTier:
         self._stats = TierStats(self.name)
         self._num_refused = 0  # commands not sent because a breaker was open
         self._num_too_large = 0  # puts refused for exceeding max_value_bytes
+        self._num_unconfirmed = 0  # deletes that left a tombstone (since start)
+        self._unconfirmed_log = BurstLog(log)
         self._server = _ServerFigures()
         self._closed = False
         self._wait_ms = round(config.delete_wait_s * 1000)
@@ -239,13 +242,17 @@ class RedisTier:
             pipe.execute_command("WAIT", node.num_replicas, self._wait_ms)
         return node.num_replicas
 
-    @staticmethod
-    def _replicas_acked(node: RedisNode, replies: list[Any], num_waited: int) -> bool:
+    def _replicas_acked(self, node: RedisNode, replies: list[Any], num_waited: int) -> bool:
         """Whether every replica connected at the delete applied it (pops ROLE, WAIT)."""
         acked = replies.pop() if num_waited else 0
         connected = _connected_replicas(replies.pop())
         node.num_replicas = connected
         if isinstance(acked, int) and acked >= connected:
+            return True
+        if isinstance(acked, redis.ResponseError):  # WAIT disabled (some managed Redis)
+            log.warning("redis tier: %s refuses WAIT (%s); deletes are no longer confirmed "
+                        "by replicas, only by masters", node.name, acked)
+            self._wait_ms = 0
             return True
         log.debug("redis tier: %s replica(s) of %s acknowledged a delete, %d connected",
                   acked, node.name, connected)
@@ -424,6 +431,12 @@ class RedisTier:
         reply = self._delete_many([key])[0]
         if reply is _FAILED:
             self._tombstones.add_many([key])  # and retried from now on
+            with self._lock:
+                self._num_unconfirmed += 1
+            self._unconfirmed_log.warning(
+                "redis tier: a delete was not confirmed (master down, or its replicas did "
+                "not acknowledge it); the key is a miss and the delete is retried every "
+                "%.1f s", self._config.circuit_open_s)
             return False
         self._tombstones.discard_many(zip([key], seen, strict=True))
         return reply > 0
@@ -470,6 +483,7 @@ class RedisTier:
         with self._lock:
             snap = replace(self._stats, info={})
             refused, too_large = self._num_refused, self._num_too_large
+            unconfirmed = self._num_unconfirmed
         snap.used_bytes, snap.capacity_bytes = server.used_bytes, server.capacity_bytes
         snap.num_objects, snap.evictions = server.num_objects, server.evictions
         router = self._router
@@ -477,6 +491,7 @@ class RedisTier:
         snap.info = {"mode": self.mode, "address": self._address.redacted(),
                      "state": self.state, "nodes_down": ",".join(down),
                      "tombstones": str(len(self._tombstones)),
+                     "deletes_unconfirmed": str(unconfirmed),
                      "circuit_refused": str(refused), "refused_too_large": str(too_large)}
         return snap
 

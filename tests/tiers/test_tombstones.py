@@ -193,6 +193,7 @@ def test_delete_while_master_down_stays_deleted_after_failover(
     for key in doomed:  # acknowledged while nothing can confirm it
         assert tier.delete(key) is False
     assert len(tier.tombstones) == len(doomed)
+    assert tier.stats().info["deletes_unconfirmed"] == str(len(doomed))
     assert wait_for(lambda: _role(cluster.replicas[0]) == "master"), "no failover"
     assert wait_for(lambda: not tier.tombstones.oldest(1) or _probe(tier, doomed, kept, objs),
                     every_s=0.05)
