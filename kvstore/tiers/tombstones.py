@@ -131,7 +131,8 @@ class Tombstones:
         again) after their generation was read; a newer generation stays.
 
         A failure to log this is only logged: a tombstone that comes back after a
-        restart costs one more (harmless) delete of that key in Redis.
+        restart costs one more delete of that key in Redis (at worst of the Redis copy
+        of a chunk put again since: a miss there, never a deleted chunk served).
         """
         with self._lock:
             gone = list(dict.fromkeys(k for k, g in seen
