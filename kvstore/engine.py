@@ -424,7 +424,15 @@ class Engine:
         return is_fresh and delay_s + drain_s <= budget_s
 
     def delete(self, key: ChunkKey) -> bool:
-        """Remove ``key`` from every tier; True if any tier held it."""
+        """Remove ``key`` from every tier; True if any tier held it.
+
+        A Redis delete that Redis cannot confirm yet (its master is down) leaves a
+        tombstone in the Redis tier: the key is a miss there until the retried delete
+        is confirmed, so an acknowledged delete survives a failover.
+
+        Raises:
+            Unavailable: the Redis tier could not record that tombstone.
+        """
         self._check_open()
         with self._key_lock(key):
             with self._dirty_lock:  # also guards the counter: deletes of other keys race here
