@@ -240,6 +240,8 @@ class SoakRun:
         for t in stats["tiers"]:
             mine = self.counters.setdefault(t["name"], Counter())
             mine.update({k: t[k] for k in ("hits", "misses", "corrupt", "errors", "evictions")})
+            if "deletes_unconfirmed" in t["info"]:  # Redis deletes that left a tombstone
+                mine["deletes_unconfirmed"] += int(t["info"]["deletes_unconfirmed"])
 
     def _collect(self) -> None:
         while True:

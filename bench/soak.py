@@ -10,7 +10,9 @@ files, kills a Redis master (which has a replica), corrupts Redis values, kills 
 client holding arena leases, fills the disk, kills -9 and restarts the daemon, kills a
 master with no replica, and restarts the daemon gracefully; after each restart every
 client re-reads what it was acknowledged. A last phase measures what write-back loses
-to a kill -9. Prints one JSON line (the summary); progress goes to stderr.
+to a kill -9. Prints one JSON line (the summary); progress goes to stderr. Exits 1
+when a read returned wrong bytes or a chunk whose delete was acknowledged
+(``resurrected_after_delete``).
 
     python bench/soak.py --processes 16 --minutes 4
 """
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     emit("soak", "summary", **summary)
-    return 0 if summary["wrong_bytes"] == 0 else 1
+    is_clean = summary["wrong_bytes"] == 0 and summary["resurrected_after_delete"] == 0
+    return 0 if is_clean else 1
 
 
 if __name__ == "__main__":

@@ -128,6 +128,14 @@ class RedisTierConfig:
     circuit_open_s: float = 1.0  # an open breaker refuses calls this long, then lets one probe
     topology_refresh_s: float = 1.0  # cluster: at most one slot-map refresh per this interval
     stats_cache_s: float = 1.0  # seconds the server-side figures in stats() are reused
+    # Seconds a delete waits (WAIT) for the replicas connected to the key's master to
+    # apply it; a delete they do not confirm in time, like one sent while the master is
+    # down, is kept as a tombstone: a miss, retried until a master confirms it, so a
+    # failover cannot bring it back. 0 = no WAIT (only unreachable masters leave one).
+    delete_wait_s: float = 0.1
+    # Log of deletes Redis has not confirmed yet, kept across restarts; unset =
+    # redis-tombstones.log in tiers.disk.path when the disk tier is on, else in memory only.
+    tombstone_file: str | None = None
 
 
 @dataclass(slots=True)

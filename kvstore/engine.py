@@ -41,7 +41,9 @@ thread ever holds two key locks and the stripes cannot deadlock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -49,7 +51,7 @@ from collections.abc import Collection, Sequence
 
 from kvstore.arena_file import Placement
 from kvstore.codec.format import verify_object
-from kvstore.config import Config, EngineConfig
+from kvstore.config import Config, EngineConfig, RedisTierConfig
 from kvstore.errors import CapacityExhausted, Corrupt, InvalidArgument, Unavailable
 from kvstore.keys import ChunkKey
 from kvstore.quotas import TenantQuotas, TenantUsage
@@ -59,6 +61,7 @@ from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.gpu import GpuTier
 from kvstore.tiers.gpu_cuda import open_gpu_tier
 from kvstore.tiers.redis import RedisTier
+from kvstore.tiers.tombstones import TOMBSTONE_FILE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,16 @@ _FLUSH_DELAY = 1 / 8
 _INITIAL_WRITE_S = 0.05
 _SLOWER_WEIGHT = 0.5  # weight of a write slower than the moving average
 _FASTER_WEIGHT = 0.2  # weight of a faster one
+
+
+def _with_tombstone_file(config: Config) -> RedisTierConfig:
+    """The Redis tier's config, its tombstone log defaulting to the disk tier's directory
+    (state that must outlive the daemon, as the disk's files do)."""
+    redis_config = config.tiers.redis
+    if redis_config.tombstone_file is None and config.tiers.disk.enabled:
+        path = os.path.join(config.tiers.disk.path, TOMBSTONE_FILE_NAME)
+        redis_config = dataclasses.replace(redis_config, tombstone_file=path)
+    return redis_config
 
 
 def _num_leading(present: Sequence[bool]) -> int:
@@ -179,7 +192,7 @@ class Engine:
         if config.tiers.disk.enabled:
             tiers.append(DiskTier(config.tiers.disk))
         if config.tiers.redis.url:  # the shared tier goes last, below the disk
-            tiers.append(RedisTier(config.tiers.redis))
+            tiers.append(RedisTier(_with_tombstone_file(config)))
             if config.tiers.redis.write_through:
                 write_through.add("redis")
         quotas = TenantQuotas(config.tenants)
@@ -411,7 +424,15 @@ class Engine:
         return is_fresh and delay_s + drain_s <= budget_s
 
     def delete(self, key: ChunkKey) -> bool:
-        """Remove ``key`` from every tier; True if any tier held it."""
+        """Remove ``key`` from every tier; True if any tier held it.
+
+        A Redis delete that Redis cannot confirm yet (its master is down) leaves a
+        tombstone in the Redis tier: the key is a miss there until the retried delete
+        is confirmed, so an acknowledged delete survives a failover.
+
+        Raises:
+            Unavailable: the Redis tier could not record that tombstone.
+        """
         self._check_open()
         with self._key_lock(key):
             with self._dirty_lock:  # also guards the counter: deletes of other keys race here

@@ -1,8 +1,9 @@
 """The soak benchmark, short: 4 client processes for 60 s under every scheduled fault.
 
 Runs ``bench/soak.py`` as a user would and checks its summary: no wrong bytes, no
-failed call that a miss could have answered, nothing acknowledged under write-through
-lost across a kill -9 or a graceful restart, and the daemon's RSS bounded.
+chunk read back after its delete was acknowledged, no failed call that a miss could
+have answered, nothing acknowledged under write-through lost across a kill -9 or a
+graceful restart, and the daemon's RSS bounded.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def test_soak_returns_no_wrong_bytes_under_faults(summary: dict) -> None:
     assert summary["wrong_bytes"] == 0, summary["wrong_chunks"]
     assert {f["fault"] for f in summary["faults"]} == FAULTS
     assert not [f for f in summary["faults"] if "error" in f]
+
+
+def test_soak_never_reads_back_an_acknowledged_delete(summary: dict) -> None:
+    # A delete acknowledged while a Redis master is down must survive its failover.
+    assert summary["resurrected_after_delete"] == 0, summary["resurrected_examples"]
 
 
 def test_soak_fails_no_call_a_miss_could_answer(summary: dict) -> None:

@@ -136,7 +136,9 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Remove the chunks of a sequence from every tier.
+        """Remove the chunks of a sequence from every tier. Acknowledged deletes stay deleted
+        on this daemon, also when a Redis master is down (the daemon keeps a tombstone and
+        retries); UNAVAILABLE when it cannot record one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

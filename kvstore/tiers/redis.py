@@ -10,6 +10,11 @@ Every Redis error or timeout is a miss (get/contains) or a refused write (put),
 counted in ``stats().errors``; a per-node circuit breaker stops calling a dead
 node until a probe finds it answering again. A daemon started while Redis is
 down starts anyway, reports ``state=down`` and connects when Redis appears.
+A delete that Redis does not confirm (its master is down, or the replicas connected to
+it do not acknowledge it within ``delete_wait_s``, WAIT) leaves a tombstone
+(``tiers/tombstones.py``): the key is a miss here until a retry, every
+``circuit_open_s``, is confirmed (on the promoted replica after a failover), so an
+acknowledged delete is never undone by a failover.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from kvstore.config import MiB, RedisTierConfig
 from kvstore.errors import Corrupt, InvalidArgument
 from kvstore.keys import ChunkKey
 from kvstore.tiers.base import TierStats
+from kvstore.tiers.burst_log import BurstLog
 from kvstore.tiers.circuit import CircuitBreaker
 from kvstore.tiers.record import check_record, pack_record
 from kvstore.tiers.redis_nodes import (
@@ -38,6 +44,7 @@ from kvstore.tiers.redis_nodes import (
     connect_router,
     parse_redis_url,
 )
+from kvstore.tiers.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,13 @@ class _ServerFigures:
     taken_at: float = float("-inf")  # time.monotonic() of the last refresh
 
 
+def _connected_replicas(role: Any) -> int:
+    """Replicas a master lists in its ROLE reply; 0 from a replica or an error."""
+    if isinstance(role, list) and len(role) >= 3 and role[0] in (b"master", "master"):
+        return len(role[2])
+    return 0
+
+
 def _check_config(config: RedisTierConfig) -> None:
     if not config.url:
         raise InvalidArgument("tiers.redis.url is not set; the Redis tier needs an address")
@@ -76,6 +90,10 @@ def _check_config(config: RedisTierConfig) -> None:
                               f"{config.circuit_open_s}, {config.circuit_failures}")
     if config.ttl_s is not None and config.ttl_s <= 0:
         raise InvalidArgument(f"tiers.redis.ttl_s must be > 0 or unset, got {config.ttl_s}")
+    if not 0 <= config.delete_wait_s < config.timeout_s:
+        raise InvalidArgument(f"tiers.redis.delete_wait_s is {config.delete_wait_s}; it must be "
+                              f">= 0 and below timeout_s ({config.timeout_s}), or the read of "
+                              "the WAIT reply would time out")
 
 
 class RedisTier:
@@ -103,9 +121,14 @@ class RedisTier:
         self._stats = TierStats(self.name)
         self._num_refused = 0  # commands not sent because a breaker was open
         self._num_too_large = 0  # puts refused for exceeding max_value_bytes
+        self._num_unconfirmed = 0  # deletes that left a tombstone (since start)
+        self._unconfirmed_log = BurstLog(log)
         self._server = _ServerFigures()
         self._closed = False
+        self._wait_ms = round(config.delete_wait_s * 1000)
         self._ensure_router()
+        self._tombstones = Tombstones(config.tombstone_file, self._confirm_deletes,
+                                      config.circuit_open_s)
 
     # -- keys and connection ------------------------------------------------------------
 
@@ -140,10 +163,13 @@ class RedisTier:
 
     # -- batched commands ----------------------------------------------------------------
 
-    def _execute(self, rkeys: Sequence[bytes], add: AddCommand, per_key: int = 1) -> list[Any]:
+    def _execute(self, rkeys: Sequence[bytes], add: AddCommand, per_key: int = 1,
+                 confirm: bool = False) -> list[Any]:
         """Run ``per_key`` commands per key, pipelined per node; each key's slot gets its
         first command's reply, ``_FAILED`` where any failed or none came, and
-        ``_WRONG_TYPE`` where the key holds a value of another type."""
+        ``_WRONG_TYPE`` where the key holds a value of another type. With ``confirm``,
+        each node's batch ends with a WAIT for its replicas, and a batch they did not
+        acknowledge in ``delete_wait_s`` is ``_FAILED`` too."""
         results: list[Any] = [_FAILED] * len(rkeys)
         router = self._ensure_router()
         if router is None:
@@ -154,7 +180,7 @@ class RedisTier:
         for _ in range(2):  # the second round follows MOVED replies once
             moved: list[int] = []
             for node, idx in pending:
-                moved += self._execute_on(router, node, idx, add, results, per_key)
+                moved += self._execute_on(router, node, idx, add, results, per_key, confirm)
             if not moved:
                 break
             regrouped = router.route([rkeys[i] for i in moved])
@@ -162,7 +188,7 @@ class RedisTier:
         return results
 
     def _execute_on(self, router: Router, node: RedisNode, idx: list[int], add: AddCommand,
-                    results: list[Any], per_key: int) -> list[int]:
+                    results: list[Any], per_key: int, confirm: bool) -> list[int]:
         """Pipeline ``idx``'s commands to one node; returns the indices answered MOVED."""
         if not node.breaker.allow():
             self._count_refused(len(idx))
@@ -171,12 +197,17 @@ class RedisTier:
         pipe = node.client.pipeline(transaction=False)
         for i in idx:
             add(pipe, i)
+        confirm = confirm and self._wait_ms > 0
         try:
+            if confirm:
+                num_waited = self._queue_wait(node, pipe)
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             self._node_failed(router, node, exc)
             return []
         self._node_answered(node)
+        if confirm and not self._replicas_acked(node, replies, num_waited):
+            return []  # every slot stays _FAILED: a replica may still hold the keys
         moved: list[int] = []
         for n, i in enumerate(idx):
             group = replies[n * per_key : (n + 1) * per_key]
@@ -192,6 +223,40 @@ class RedisTier:
             else:
                 results[i] = reply
         return moved
+
+    def _queue_wait(self, node: RedisNode, pipe: Any) -> int:
+        """After a node's writes, queue ROLE (the replicas connected now) and a WAIT for
+        the replicas it had at its last ROLE; returns how many the WAIT waits for.
+
+        WAIT must share the writes' connection (it waits for that connection's last
+        write), hence one pipeline and the count from the previous ROLE; the first
+        time, one ROLE round trip asks.
+        """
+        if node.num_replicas is None:
+            try:
+                node.num_replicas = _connected_replicas(node.client.execute_command("ROLE"))
+            except redis.ResponseError:  # ROLE renamed away (managed Redis): no WAIT
+                node.num_replicas = 0
+        pipe.execute_command("ROLE")
+        if node.num_replicas:
+            pipe.execute_command("WAIT", node.num_replicas, self._wait_ms)
+        return node.num_replicas
+
+    def _replicas_acked(self, node: RedisNode, replies: list[Any], num_waited: int) -> bool:
+        """Whether every replica connected at the delete applied it (pops ROLE, WAIT)."""
+        acked = replies.pop() if num_waited else 0
+        connected = _connected_replicas(replies.pop())
+        node.num_replicas = connected
+        if isinstance(acked, int) and acked >= connected:
+            return True
+        if isinstance(acked, redis.ResponseError):  # WAIT disabled (some managed Redis)
+            log.warning("redis tier: %s refuses WAIT (%s); deletes are no longer confirmed "
+                        "by replicas, only by masters", node.name, acked)
+            self._wait_ms = 0
+            return True
+        log.debug("redis tier: %s replica(s) of %s acknowledged a delete, %d connected",
+                  acked, node.name, connected)
+        return False
 
     def _node_failed(self, router: Router, node: RedisNode, exc: Exception) -> None:
         was_open = node.breaker.is_open
@@ -221,7 +286,24 @@ class RedisTier:
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
         """Pipelined HMGETs; each value's key record and object are checked, and a
-        corrupt value (or one of another type) is deleted and missed."""
+        corrupt value (or one of another type) is deleted and missed. A tombstoned key
+        (deleted, not yet confirmed by Redis) is a miss without a call."""
+        return self._unless_buried(keys, self._get_live, None)
+
+    def _unless_buried(self, keys: Sequence[ChunkKey], read: Callable[[Any], list[Any]],
+                       miss: Any) -> list[Any]:
+        """``read(keys)``, with ``miss`` for tombstoned keys, which are not sent."""
+        if not self._tombstones:
+            return read(keys)
+        buried = [k in self._tombstones for k in keys]
+        if not any(buried):
+            return read(keys)
+        with self._lock:
+            self._stats.misses += sum(buried)
+        live = iter(read([k for k, b in zip(keys, buried, strict=True) if not b]))
+        return [miss if b else next(live) for b in buried]
+
+    def _get_live(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
         rkeys = [self.redis_key(k) for k in keys]
         replies = self._execute(
             rkeys, lambda pipe, i: pipe.hmget(rkeys[i], [_RECORD_FIELD, _OBJECT_FIELD]))
@@ -263,7 +345,18 @@ class RedisTier:
 
     def put_many(self, items: Sequence[tuple[ChunkKey, bytes]]) -> list[bool]:
         """Pipelined HSETs of record and object (+ PEXPIRE when ttl_s is set); False
-        where Redis did not take it."""
+        where Redis did not take it. A key put again after a delete that Redis has not
+        confirmed loses its tombstone once Redis takes the put."""
+        if not self._tombstones or not any(k in self._tombstones for k, _ in items):
+            return self._put_many(items)
+        with self._tombstones.retry_lock:  # no retried delete of these keys runs meanwhile
+            seen = self._tombstones.generations([k for k, _ in items])
+            ok = self._put_many(items)
+            self._tombstones.discard_many(
+                (k, g) for (k, _), g, is_ok in zip(items, seen, ok, strict=True) if is_ok)
+        return ok
+
+    def _put_many(self, items: Sequence[tuple[ChunkKey, bytes]]) -> list[bool]:
         limit = self._config.max_value_bytes
         send = [i for i, (_, obj) in enumerate(items) if len(obj) <= limit]
         if len(send) < len(items):
@@ -310,7 +403,10 @@ class RedisTier:
             len(sizes), sizes[:4], self._config.max_value_bytes, REDIS_MAX_BULK_BYTES)
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Pipelined EXISTS; an unreachable key counts as absent."""
+        """Pipelined EXISTS; an unreachable or tombstoned key counts as absent."""
+        return self._unless_buried(keys, self._contains_live, False)
+
+    def _contains_live(self, keys: Sequence[ChunkKey]) -> list[bool]:
         rkeys = [self.redis_key(k) for k in keys]
         replies = self._execute(rkeys, lambda pipe, i: pipe.exists(rkeys[i]))
         failed = sum(r is _FAILED for r in replies)
@@ -320,10 +416,43 @@ class RedisTier:
         return [r is not _FAILED and r > 0 for r in replies]
 
     def delete(self, key: ChunkKey) -> bool:
-        """UNLINK (frees large values off Redis's main thread); True if a key was removed."""
-        rkey = self.redis_key(key)
-        reply = self._execute([rkey], lambda pipe, i: pipe.unlink(rkey))[0]
-        return reply is not _FAILED and reply > 0
+        """UNLINK (frees large values off Redis's main thread), confirmed by the
+        replicas connected to the key's master (WAIT); True if a key was removed.
+
+        A delete Redis does not confirm leaves a tombstone (False is returned): the
+        key is a miss from now on, and the delete is retried until a master (the
+        promoted replica, after a failover) confirms it.
+
+        Raises:
+            Unavailable: the tombstone could not be recorded (its log could not be
+                written, or too many deletes are pending); the delete is not done.
+        """
+        seen = self._tombstones.generations([key])
+        reply = self._delete_many([key])[0]
+        if reply is _FAILED:
+            self._tombstones.add_many([key])  # and retried from now on
+            with self._lock:
+                self._num_unconfirmed += 1
+            self._unconfirmed_log.warning(
+                "redis tier: a delete was not confirmed (master down, or its replicas did "
+                "not acknowledge it); the key is a miss and the delete is retried every "
+                "%.1f s", self._config.circuit_open_s)
+            return False
+        self._tombstones.discard_many(zip([key], seen, strict=True))
+        return reply > 0
+
+    def _delete_many(self, keys: Sequence[ChunkKey]) -> list[Any]:
+        rkeys = [self.redis_key(k) for k in keys]
+        return self._execute(rkeys, lambda pipe, i: pipe.unlink(rkeys[i]), confirm=True)
+
+    def _confirm_deletes(self, keys: list[ChunkKey]) -> list[bool]:
+        """The retried deletes: which ones Redis confirmed."""
+        return [r is not _FAILED for r in self._delete_many(keys)]
+
+    @property
+    def tombstones(self) -> Tombstones:
+        """Deletes not yet confirmed by Redis (their keys are misses meanwhile)."""
+        return self._tombstones
 
     # -- health and stats ------------------------------------------------------------------
 
@@ -354,12 +483,15 @@ class RedisTier:
         with self._lock:
             snap = replace(self._stats, info={})
             refused, too_large = self._num_refused, self._num_too_large
+            unconfirmed = self._num_unconfirmed
         snap.used_bytes, snap.capacity_bytes = server.used_bytes, server.capacity_bytes
         snap.num_objects, snap.evictions = server.num_objects, server.evictions
         router = self._router
         down = [n.name for n in router.nodes() if n.breaker.is_open] if router else []
         snap.info = {"mode": self.mode, "address": self._address.redacted(),
                      "state": self.state, "nodes_down": ",".join(down),
+                     "tombstones": str(len(self._tombstones)),
+                     "deletes_unconfirmed": str(unconfirmed),
                      "circuit_refused": str(refused), "refused_too_large": str(too_large)}
         return snap
 
@@ -391,6 +523,7 @@ class RedisTier:
 
     def close(self) -> None:
         self._closed = True
+        self._tombstones.close()
         router, self._router = self._router, None
         if router is not None:
             router.close()

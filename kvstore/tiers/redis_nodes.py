@@ -168,6 +168,9 @@ class RedisNode:
     name: str  # "host:port", or "sentinel:<master>"
     client: redis.Redis
     breaker: CircuitBreaker
+    # Replicas connected to this master when it last answered ROLE (a delete WAITs for
+    # them); None until asked.
+    num_replicas: int | None = None
 
 
 @dataclass(slots=True)
