@@ -168,7 +168,7 @@ def test_async_client_puts_kvq_and_decodes_on_either_side(server, layout):
 
     server_side, client_side = asyncio.run(main())
     assert torch.equal(server_side, client_side)
-    assert _storage(server_side).tobytes() == _codec_round_trip(kv, layout).tobytes()
+    assert _storage(server_side).tobytes() == _codec_round_trip(kv, layout, "m-async").tobytes()
 
 
 def test_unknown_codec_or_decode_site_is_invalid_argument(client, layout):
