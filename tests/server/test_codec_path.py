@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import kvstore.codec as codec
-from kvstore.codec import autocal
 from kvstore import AsyncClient
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client._protocol import namespace_to_proto
+from kvstore.codec import autocal
 from kvstore.codec.format import CodecId, pack_object, parse_object, read_header
 from kvstore.layout import KVLayout
 from tests.conftest import make_kv, make_tokens
