@@ -41,6 +41,10 @@ CHUNK = 256
 # (character offset into the sample text, prefix tokens); calibration (`kvstore
 # calibrate`) reads text at calibrate.SAMPLE_OFFSETS, which none of these overlaps.
 PROMPTS = ((0, 1024), (150_000, 2048), (250_000, 1024), (350_000, 2048))
+# Held-out texts (kvstore.models.smollm2.TEXTS): neither calibration nor the codec's
+# tuning read them. "code": argparse.py; "prose": CPython's LICENSE.txt (~3.8K tokens).
+HELD_OUT_PROMPTS = {"code": ((0, 1024), (40_000, 2048), (70_000, 1024), (20_000, 2048)),
+                    "prose": ((0, 1024), (6_000, 1024), (3_000, 1024), (9_000, 1024))}
 Codec = tuple[Callable[[np.ndarray], Any], Callable[[Any], np.ndarray], Callable[[Any], int]]
 
 
@@ -101,7 +105,9 @@ def bytes_codec(compress: Callable[[bytes], bytes], decompress: Callable[[bytes]
             lambda b: np.frombuffer(decompress(b), dtype=dtype).reshape(shape), len)
 
 
-def methods(layout: KVLayout, table: Any) -> dict[str, Codec]:
+def methods(layout: KVLayout, table_of: Callable[[np.ndarray], Any] | None) -> dict[str, Codec]:
+    """The methods compared; ``table_of`` (chunk -> calibration table) adds the
+    ``kvq:<level>+cal`` rows."""
     import lz4.frame
     import zstandard
 
@@ -118,11 +124,28 @@ def methods(layout: KVLayout, table: Any) -> dict[str, Codec]:
     for name in codec.LEVELS:
         out[f"kvq:{name}"] = (lambda kv, last=False, n=name: codec.encode(kv, layout, n),
                               lambda b: codec.decode(b).numpy(), len)
-        if table is not None and name != "raw":
+        if table_of is not None and name != "raw":
             out[f"kvq:{name}+cal"] = (
-                lambda kv, last=False, n=name: codec.encode(kv, layout, n, table=table),
+                lambda kv, last=False, n=name: codec.encode(kv, layout, n, table=table_of(kv)),
                 lambda b: codec.decode(b).numpy(), len)
     return out
+
+
+def table_source(spec: str, layout: KVLayout) -> Callable[[np.ndarray], Any] | None:
+    """--table: "none"; "auto" (what a client of namespace "smollm2-135m" gets:
+    the user's table, else the shipped one); "stats" (what an unknown model gets:
+    the statistics-only table of its first chunks); or a table path / id."""
+    from kvstore.codec import autocal
+    from kvstore.codec.calibrate import load_table
+
+    if spec == "none":
+        return None
+    if spec in ("auto", "stats"):
+        chooser = autocal.AutoCalibration()
+        model = "smollm2-135m" if spec == "auto" else "unknown-model"
+        return lambda kv: chooser.table_for(model, layout, kv)
+    table = load_table(spec)
+    return lambda kv: table
 
 
 def run_method(codec: Codec, chunks: list[np.ndarray], repeat: int) -> dict[str, Any]:
@@ -147,7 +170,7 @@ def run_method(codec: Codec, chunks: list[np.ndarray], repeat: int) -> dict[str,
             "decoded": decoded}
 
 
-def perplexity_run(args: argparse.Namespace, table: Any) -> dict[str, list[dict[str, Any]]]:
+def perplexity_run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     import torch
 
     from kvstore.codec.calibrate_model import continuation_logprobs, prefill
@@ -156,8 +179,9 @@ def perplexity_run(args: argparse.Namespace, table: Any) -> dict[str, list[dict[
     torch.set_num_threads(1)
     model, tokenizer = load_smollm2()
     results: dict[str, list[dict[str, Any]]] = {}
-    for offset, prefix in PROMPTS[: args.prompts]:
-        ids = sample_tokens(tokenizer, prefix + args.eval_tokens + 1, offset)
+    prompts = PROMPTS if args.text == "pydoc" else HELD_OUT_PROMPTS[args.text]
+    for offset, prefix in prompts[: args.prompts]:
+        ids = sample_tokens(tokenizer, prefix + args.eval_tokens + 1, offset, args.text)
         exact = prefill(model, ids, prefix)
         layout = KVLayout(exact.shape[0], exact.shape[2], exact.shape[4], "float16", CHUNK)
         ref = continuation_logprobs(model, exact, ids, prefix, args.eval_tokens + 1)
@@ -170,13 +194,14 @@ def perplexity_run(args: argparse.Namespace, table: Any) -> dict[str, list[dict[
         fp16 = exact.astype(np.float16)
         chunks = [np.ascontiguousarray(fp16[:, :, :, t : t + CHUNK])
                   for t in range(0, prefix, CHUNK)]
-        for name, codec in methods(layout, table).items():
+        for name, codec in methods(layout, table_source(args.table, layout)).items():
             if args.only and not any(s in name for s in args.only.split(",")):
                 continue
             res = run_method(codec, chunks, args.repeat)
             kv = np.concatenate(res.pop("decoded"), axis=3).astype(np.float32)
             logp = continuation_logprobs(model, kv, ids, prefix, args.eval_tokens + 1)
-            row = {"prompt_offset": offset, "prefix_tokens": prefix,
+            row = {"text": args.text, "table": args.table, "prompt_offset": offset,
+                   "prefix_tokens": prefix,
                    "dppl_pct": round(100 * (np.exp(nll(logp) - base) - 1), 3),
                    "base_ppl": round(float(np.exp(base)), 4),
                    **{k: round(v, 4) for k, v in res.items()}}
@@ -214,10 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny synthetic run without the model")
     p.add_argument("--prompts", type=int, default=2, choices=range(1, len(PROMPTS) + 1),
                    help="prompts (alternately 1K and 2K-token prefixes)")
+    p.add_argument("--text", default="pydoc", choices=("pydoc", "code", "prose"),
+                   help="pydoc: the bench prompts; code / prose: held-out texts")
     p.add_argument("--eval-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--table", default=None, help="calibration table path or id (default: "
-                   "newest in the data dir; 'none' to skip)")
+    p.add_argument("--table", default="auto", help="+cal rows: 'auto' (default: the table a "
+                   "client gets for smollm2-135m: the user's newest, else the shipped one), "
+                   "'stats' (the statistics-only table an unknown model gets), a table path "
+                   "or id, or 'none'")
     p.add_argument("--only", default=None, help="comma-separated substrings of method names")
     args = p.parse_args(argv)
     import numba
@@ -228,14 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         smoke_run(args)
         return 0
-    from kvstore.codec.calibrate import default_dir, load_table
-
-    table = None
-    if args.table != "none":
-        tables = sorted(default_dir().glob("*.json"), key=lambda p: p.stat().st_mtime)
-        ref = args.table or (str(tables[-1]) if tables else None)
-        table = load_table(ref) if ref else None
-    emit_summary(perplexity_run(args, table))
+    emit_summary(perplexity_run(args))
     return 0
 
 

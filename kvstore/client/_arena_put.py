@@ -97,12 +97,13 @@ class _Objects:
     encoded: list[bytes] | None  # None: raw, built in place from the plan's tensor
 
 
-def _plan_objects(layout: KVLayout, plan: PutPlan, codec: str, first: int) -> _Objects:
+def _plan_objects(layout: KVLayout, plan: PutPlan, codec: str, first: int,
+                  model: str) -> _Objects:
     count = plan.num_chunks - first
     if codec == "raw":
         return _Objects(first, [raw_object_bytes(layout, plan.tokens_per_chunk)] * count, None)
     flags = FLAG_POSITION_FREE if plan.position_free else 0
-    encoded = [encode_chunk(_piece(plan, i), layout, codec, flags)
+    encoded = [encode_chunk(_piece(plan, i), layout, codec, flags, model)
                for i in range(first, plan.num_chunks)]
     return _Objects(first, [len(obj) for obj in encoded], encoded)
 
@@ -153,7 +154,7 @@ def put_steps(paths: local.LocalPath, index: int, namespace: pb.Namespace, layou
         first = found.num_tokens // plan.tokens_per_chunk
         if first >= plan.num_chunks:
             return PutResult(0, plan.num_chunks)
-    objects = yield Offload(_plan_objects, (layout, plan, codec, first))
+    objects = yield Offload(_plan_objects, (layout, plan, codec, first, namespace.name))
     reserved = yield Unary(index, "ReserveExtents", pb.ReserveExtentsRequest(
         namespace=namespace, tokens_le_i32=tokens, position_free=plan.position_free,
         first_chunk=first, object_bytes=objects.sizes, arena_nonce=arena.nonce), timeout_s)

@@ -34,8 +34,13 @@ def check_decode(decode: str) -> str:
     return decode
 
 
-def encode_chunk(piece: np.ndarray, layout: KVLayout, codec: str, flags: int) -> bytes:
+def encode_chunk(piece: np.ndarray, layout: KVLayout, codec: str, flags: int,
+                 model: str) -> bytes:
     """The KVC1 object of one chunk (storage array) at ``codec``.
+
+    kvq levels use the calibration table ``kvstore.codec.autocal`` picks for the
+    namespace's model (``model``: the namespace name): the user's own, a shipped one
+    for a known model, or one built from the namespace's first chunks.
 
     A kvq object that is not smaller than the raw one (a few tokens: side
     information outweighs the data) is sent raw instead: raw is exact, and the
@@ -43,9 +48,10 @@ def encode_chunk(piece: np.ndarray, layout: KVLayout, codec: str, flags: int) ->
     """
     if codec == "raw":
         return encode_raw(piece, layout, flags=flags)
-    from kvstore.codec import encode
+    from kvstore.codec import autocal, encode
 
-    obj = encode(piece, layout, codec, flags=flags)
+    table = autocal.table_for(model, layout, piece)
+    obj = encode(piece, layout, codec, table=table, flags=flags)
     raw_bytes = HEADER_BYTES + 4 * 2 * layout.num_layers + piece.nbytes
     return obj if len(obj) < raw_bytes else encode_raw(piece, layout, flags=flags)
 

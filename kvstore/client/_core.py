@@ -68,6 +68,7 @@ class ClientCore:
             raise InvalidArgument(f"layout must be a KVLayout, got {type(layout).__name__}")
         self.layout = layout
         self._ns = proto.namespace_to_proto(namespace, layout, tp_rank)
+        self.namespace = namespace  # the name given: it also picks the codec's table
         self.max_message_bytes = max_message_bytes  # largest message sent or received
         self._part_bytes = max_message_bytes - proto.PART_HEADROOM_BYTES
         self.max_blob_part_bytes = max_blob_part_bytes  # larger blobs are stored in parts

@@ -115,7 +115,7 @@ def put_requests(namespace: pb.Namespace, layout: KVLayout, plan: PutPlan, first
     step = plan.tokens_per_chunk
     for index in range(first_chunk, plan.num_chunks):
         piece = plan.kv[:, :, :, index * step : (index + 1) * step, :]
-        obj = encode_chunk(piece, layout, codec, flags)
+        obj = encode_chunk(piece, layout, codec, flags, namespace.name)
         view = memoryview(obj)
         part_size = min(part_bytes, STREAM_PART_BYTES)
         for start in range(0, len(obj), part_size):

@@ -56,7 +56,9 @@ class Client(ClientCore):
         codec: how ``put``/``put_chunk`` store chunks, a name from ``kvstore.codec.LEVELS``.
             "raw" (the default) round-trips bit-exact; a kvq level ("balanced", ...)
             is lossy and several times smaller: ``get`` then returns exactly
-            ``kvstore.codec.decode(kvstore.codec.encode(kv, layout, codec))``.
+            ``kvstore.codec.decode(kvstore.codec.encode(kv, layout, codec, table=t))``
+            with ``t = kvstore.codec.autocal.table_for(namespace, layout, kv)``, the
+            calibration table picked for the namespace's model without the user.
         max_blob_part_bytes: ``put_blob`` stores larger blobs in parts of this size.
         copy_threads: threads a same-host ``put`` or ``get`` of 4 MiB or more splits
             its chunks across (this thread included; each chunk copied and hashed

@@ -132,6 +132,19 @@ def make_table(model: str, layout: KVLayout, group_layers: int,
                                "table_id": _id_of(table.body())})
 
 
+def make_table_from_bins(model: str, layout: KVLayout, group_layers: int,
+                         key_weights: list[list[float]],
+                         levels: dict[str, dict[str, list[int]]]) -> CalibrationTable:
+    """A table with given bins (no sensitivity measured: all zeros), e.g. the
+    statistics-only tables of ``kvstore.codec.autocal``."""
+    groups = -(-layout.num_layers // group_layers)
+    sensitivity = {"k": [0.0] * groups, "v": [0.0] * groups}
+    table = CalibrationTable(model, layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                             group_layers, sensitivity, key_weights, levels, 0)
+    return CalibrationTable(**{**{f: getattr(table, f) for f in table.__slots__},
+                               "table_id": _id_of(table.body())})
+
+
 def predicted_kl(sens: float, bins: int, reference: int) -> float:
     """KL of a group at ``bins``: quantisation noise power scales with step**2."""
     return sens * ((reference - 1) / (bins - 1)) ** 2

@@ -95,9 +95,34 @@ def sample_text(num_chars: int = 200_000, offset: int = 0) -> str:
     return text[offset : offset + num_chars]
 
 
-def sample_tokens(tokenizer: Any, num_tokens: int, offset: int = 0) -> list[int]:
-    """``num_tokens`` token ids of sample text starting ``offset`` characters in."""
-    ids: list[int] = tokenizer(sample_text(num_tokens * 8 + 1000, offset))["input_ids"]
+# Held-out texts: nothing of the codec was calibrated or tuned on them (calibration
+# and the codec's own tuning read ``pydoc_data.topics``). "code" is Python source
+# (the stdlib's argparse.py), "prose" is the licence and history text CPython
+# installs beside its stdlib (LICENSE.txt, about 14 KB: ~3.3K SmolLM2 tokens).
+TEXTS = ("pydoc", "code", "prose")
+
+
+def text_of(name: str) -> str:
+    """The whole text named ``name`` (one of TEXTS)."""
+    import sysconfig
+
+    if name == "pydoc":
+        return sample_text(10**9)
+    path = {"code": Path(sysconfig.get_paths()["stdlib"]) / "argparse.py",
+            "prose": Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"}.get(name)
+    if path is None:
+        raise NotFound(f"unknown text {name!r}; known: {TEXTS}")
+    if not path.exists():
+        raise NotFound(f"held-out text {name!r} needs {path}, which this Python lacks")
+    return path.read_text()
+
+
+def sample_tokens(tokenizer: Any, num_tokens: int, offset: int = 0,
+                  text: str = "pydoc") -> list[int]:
+    """``num_tokens`` token ids of ``text`` (one of TEXTS) starting ``offset`` characters in."""
+    chars = num_tokens * 8 + 1000
+    source = sample_text(chars, offset) if text == "pydoc" else text_of(text)[offset:][:chars]
+    ids: list[int] = tokenizer(source)["input_ids"]
     if len(ids) < num_tokens:
         raise NotFound(f"sample text gave {len(ids)} tokens, wanted {num_tokens}")
     return ids[:num_tokens]

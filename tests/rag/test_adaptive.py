@@ -94,7 +94,7 @@ def test_adaptive_ratio_rises_when_passages_were_computed_without_the_prefix(dae
 
 @torch.inference_mode()
 def test_passages_stored_compressed_round_trip_and_still_blend(daemon):
-    from kvstore.codec import decode, encode
+    from kvstore.codec import autocal, decode, encode
 
     model, _ = smollm2()
     prefix, chunks, query = _prompt(3)
@@ -108,7 +108,9 @@ def test_passages_stored_compressed_round_trip_and_still_blend(daemon):
         naive_logits = build_cache_naive(model, raw, chunks, query, prefix)[1]
     assert (cold.num_chunks_encoded, warm.num_chunks_hit) == (3, 3)
     # The store holds exactly what the codec makes of the raw KV, and a miss uses it too.
-    want = torch.as_tensor(decode(encode(exact, raw.layout, "balanced")))
+    # (with the table the client's automatic calibration picked for the namespace)
+    table = autocal.table_for(packed.namespace, raw.layout, exact)
+    want = torch.as_tensor(decode(encode(exact, raw.layout, "balanced", table=table)))
     torch.testing.assert_close(stored, want, atol=0, rtol=0)
     assert not torch.equal(stored, torch.as_tensor(exact))
     torch.testing.assert_close(cold_logits, warm_logits, atol=0, rtol=0)

@@ -15,6 +15,7 @@ from kvstore import AsyncClient
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.client._protocol import namespace_to_proto
+from kvstore.codec import autocal
 from kvstore.codec.format import CodecId, pack_object, parse_object, read_header
 from kvstore.layout import KVLayout
 from tests.conftest import make_kv, make_tokens
@@ -28,12 +29,15 @@ def _storage(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _codec_round_trip(kv: np.ndarray, layout: KVLayout) -> np.ndarray:
-    """What a kvq put then get must return: each chunk through encode then decode."""
+def _codec_round_trip(kv: np.ndarray, layout: KVLayout, namespace: str) -> np.ndarray:
+    """What a kvq put then get must return: each chunk through encode (with the table
+    the client's automatic calibration picked for the namespace) then decode."""
     step = layout.chunk_tokens
     chunks = [kv[:, :, :, i:i + step] for i in range(0, kv.shape[3], step)]
-    return np.concatenate([_storage(codec.decode(codec.encode(c, layout, LEVEL)))
-                           for c in chunks], axis=3)
+    tables = [autocal.table_for(namespace, layout, c) for c in chunks]
+    assert all(t is not None and t.model.startswith("stats:") for t in tables)
+    return np.concatenate([_storage(codec.decode(codec.encode(c, layout, LEVEL, table=t)))
+                           for c, t in zip(chunks, tables, strict=True)], axis=3)
 
 
 def _kvq_object(layout: KVLayout, seed: int = 0) -> tuple[np.ndarray, bytes]:
@@ -61,7 +65,7 @@ def test_kvq_put_then_server_decoded_get_equals_codec_round_trip(client, layout,
     c = client(f"kvq-{dtype}", lay, codec=LEVEL, transport="stream")
     assert c.put(tokens, kv) == 48
     got = c.get(tokens, as_numpy=True)
-    assert got.tobytes() == _codec_round_trip(kv, lay).tobytes()
+    assert got.tobytes() == _codec_round_trip(kv, lay, f"kvq-{dtype}").tobytes()
     assert not np.array_equal(got, kv)  # lossy: the daemon did not store raw bytes
 
 
@@ -110,7 +114,7 @@ def test_raw_and_kvq_puts_in_one_namespace_both_round_trip(client, layout):
         reader = client(transport=transport)
         assert np.array_equal(reader.get(raw_tokens, as_numpy=True), raw_kv)
         assert reader.get(kvq_tokens, as_numpy=True).tobytes() == \
-            _codec_round_trip(kvq_kv, layout).tobytes()
+            _codec_round_trip(kvq_kv, layout, "model@rev").tobytes()
 
 
 def test_tiny_kvq_chunk_is_sent_raw_when_kvq_is_not_smaller(client, layout):
@@ -164,7 +168,7 @@ def test_async_client_puts_kvq_and_decodes_on_either_side(server, layout):
 
     server_side, client_side = asyncio.run(main())
     assert torch.equal(server_side, client_side)
-    assert _storage(server_side).tobytes() == _codec_round_trip(kv, layout).tobytes()
+    assert _storage(server_side).tobytes() == _codec_round_trip(kv, layout, "m-async").tobytes()
 
 
 def test_unknown_codec_or_decode_site_is_invalid_argument(client, layout):
