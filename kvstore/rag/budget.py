@@ -10,11 +10,21 @@ pays with nothing recomputed (layer 0 for every token, loading and rotating the
 stored KV, the layer-1 projections that rank the candidates); ``row_cost`` is what a
 row costs on the decoder layers relative to one token of the full prefill (fewer
 rows per matmul, an explicit mask). The predicted speedup is ``1 / share``.
-The defaults were fitted on SmolLM2-135M on CPU (``bench/bench_rag.py --prompts 6
---threads 2``, 4 x 256-token passages, fixed ratios 5/15/20/25/30%: measured 5.19x /
-3.23x / 2.69x / 2.57x / 2.27x) as the line through the 5% and 20% points, which
-predicts no more than was measured at any of them (5.14x / 3.19x / 2.68x / 2.32x /
-2.04x); a GPU or another model has other shares.
+The shares depend on how many threads the matmuls get: a full prefill's large
+matmuls gain more from a second thread than the blend's few rows, so the blend
+saves more on one thread. :func:`cost_model` picks the fit for the current torch
+thread count; both were fitted on SmolLM2-135M on CPU, 4 x 256-token passages, bench
+prompts only, each as a line that predicts no more than was measured at any point:
+
+- 2 threads or more (``bench/bench_rag.py --prompts 6 --threads 2``, wall time,
+  quiet VM, fixed ratios 5/15/20/25/30%: measured 5.19x / 3.23x / 2.69x / 2.57x /
+  2.27x): the line through the 5% and 20% points (predicts 5.14x / 3.19x / 2.68x /
+  2.32x / 2.04x).
+- 1 thread (CPU time of blend and full prefill timed back to back, 2 bench prompts x
+  3 repeats, medians, 5/15/25/35%: measured 6.18x / 3.27x / 2.65x / 2.14x, loaded VM):
+  the line through the 15% and 35% points (predicts 4.45x / 3.27x / 2.59x / 2.14x).
+
+A GPU or another model has other shares.
 
 The adaptive count (``build_cache(recompute_ratio=None)``, the default) recomputes
 the passage tokens whose layer-1 deviation (see :mod:`kvstore.rag.blend`) exceeds
@@ -29,6 +39,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from kvstore.errors import InvalidArgument
 
@@ -60,7 +72,14 @@ class CostModel:
         return min(rows, num_tokens)
 
 
-COST = CostModel()
+COST = CostModel()  # 2 threads or more
+COST_ONE_THREAD = CostModel(fixed_share=0.155, row_cost=0.864)
+
+
+def cost_model(num_threads: int | None = None) -> CostModel:
+    """The fitted :class:`CostModel` for ``num_threads`` torch threads (default: the current)."""
+    threads = torch.get_num_threads() if num_threads is None else num_threads
+    return COST_ONE_THREAD if threads <= 1 else COST
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +120,7 @@ def plan_recompute(
         return Recompute(max_rows=round(ratio * num_candidates))
     if not min_speedup >= 1.0:
         raise InvalidArgument(f"min_speedup must be >= 1 (a full prefill), got {min_speedup}")
-    allowed = COST.max_rows(num_tokens, num_layers, min_speedup) - num_fixed_rows
+    allowed = cost_model().max_rows(num_tokens, num_layers, min_speedup) - num_fixed_rows
     max_rows = max(0, min(num_candidates, allowed))
     return Recompute(
         max_rows=max_rows,

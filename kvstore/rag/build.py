@@ -54,7 +54,7 @@ from kvstore.models.cache import cache_from_kv, kv_from_cache
 from kvstore.models.dtypes import TORCH_DTYPES
 from kvstore.models.rope import RopeSpec, rope_spec, rotate_keys
 from kvstore.rag.blend import blend
-from kvstore.rag.budget import COST, DEFAULT_MIN_SPEEDUP, plan_recompute
+from kvstore.rag.budget import DEFAULT_MIN_SPEEDUP, cost_model, plan_recompute
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class RagStats:
     num_chunks_encoded: int  # chunks missing from the store: computed alone and stored
     recompute_ratio: float  # num_recomputed / num_chunk_tokens, as chosen for this prompt
     max_recompute_ratio: float  # the most the budget (or the fixed ratio) allowed
-    predicted_speedup: float  # over a full prefill, by kvstore.rag.budget.COST (hits only)
+    predicted_speedup: float  # over a full prefill, by kvstore.rag.budget.cost_model() (hits only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +330,7 @@ def build_cache(
         num_chunks_encoded=len(chunk_ids) - ctx.num_chunks_hit,
         recompute_ratio=num_recomputed / num_chunk_tokens,
         max_recompute_ratio=recompute.max_rows / num_chunk_tokens,
-        predicted_speedup=COST.predicted_speedup(
+        predicted_speedup=cost_model().predicted_speedup(
             num_tokens, num_recomputed + num_fixed_rows, num_layers
         ),
     )

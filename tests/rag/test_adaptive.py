@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kvstore.models.arch import layout_for
 from kvstore.rag import build_cache, build_cache_naive, stored_chunk_tokens
-from kvstore.rag.budget import COST
+from kvstore.rag.budget import cost_model
 from tests.conftest import make_config
 from tests.models import smollm2
 
@@ -63,7 +63,7 @@ def test_build_cache_keeps_the_predicted_speedup_within_min_speedup(daemon):
     for min_speedup, stats in runs.items():
         rows = stats.num_recomputed + stats.num_prefilled
         assert stats.predicted_speedup >= min_speedup, (min_speedup, stats)
-        assert rows <= COST.max_rows(num_tokens, model.config.num_hidden_layers, min_speedup)
+        assert rows <= cost_model().max_rows(num_tokens, model.config.num_hidden_layers, min_speedup)
         assert stats.recompute_ratio <= stats.max_recompute_ratio
     assert runs[4.0].max_recompute_ratio < runs[3.0].max_recompute_ratio
     assert runs[3.0].max_recompute_ratio < runs[1.5].max_recompute_ratio

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kvstore.errors import InvalidArgument
-from kvstore.rag.budget import COST, MIN_RATIO, plan_recompute
+import torch
+
+from kvstore.rag.budget import COST, COST_ONE_THREAD, MIN_RATIO, cost_model, plan_recompute
 
 
 @pytest.mark.parametrize("min_speedup", [1.5, 2.0, 3.0, 4.0, 6.0])
@@ -44,3 +46,23 @@ def test_fixed_ratio_ignores_the_budget():
 def test_min_speedup_below_one_is_refused():
     with pytest.raises(InvalidArgument, match="min_speedup"):
         plan_recompute(100, 80, 5, 30, None, 0.5)
+
+
+def test_cost_model_follows_the_thread_count():
+    assert cost_model(1) is COST_ONE_THREAD
+    assert cost_model(2) is cost_model(16) is COST
+    assert cost_model() is cost_model(torch.get_num_threads())
+    # One thread: the full prefill gains less from threads than the blend loses, so
+    # a 3x budget allows more recompute (4 x 256 passages: 16.5% -> 18.6%).
+    assert COST_ONE_THREAD.max_rows(1059, 30, 3.0) > COST.max_rows(1059, 30, 3.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plan_recompute_uses_the_current_thread_counts_cost_model(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plan = plan_recompute(1059, 1024, 35, 30, None, 3.0)
+    finally:
+        torch.set_num_threads(before)
+    assert plan.max_rows == cost_model(threads).max_rows(1059, 30, 3.0) - 35
